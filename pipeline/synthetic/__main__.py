@@ -1,0 +1,55 @@
+"""CLI: python -m pipeline.synthetic OUT_DIR [--samples-per-scene N] [--seed S] [--image-size WxH]"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.synthetic.dataset import DEFAULT_IMAGE_SIZE, check_image_size, generate
+from pipeline.synthetic.summary import format_summary
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 800x450, got {text!r}")
+    try:
+        return check_image_size((int(parts[0]), int(parts[1])))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.synthetic",
+                                     description="Generate a nuScenes v1.0-mini format dataset.")
+    parser.add_argument("out_dir", type=Path, help="dataroot to write (samples/, sweeps/, maps/, v1.0-mini/)")
+    parser.add_argument("--samples-per-scene", type=_positive(2), default=10, help="key frames per scene (>= 2)")
+    parser.add_argument("--seed", type=_positive(0), default=0)
+    parser.add_argument("--image-size", type=_image_size, default=DEFAULT_IMAGE_SIZE, metavar="WxH",
+                        help=f"camera image size (default {DEFAULT_IMAGE_SIZE[0]}x{DEFAULT_IMAGE_SIZE[1]})")
+    parser.add_argument("--workers", type=_positive(1), default=1, help="processes generating scenes")
+    parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in OUT_DIR")
+    args = parser.parse_args(argv)
+    try:
+        summary = generate(args.out_dir, samples_per_scene=args.samples_per_scene, seed=args.seed,
+                           image_size=args.image_size, workers=args.workers, overwrite=args.overwrite)
+    except (FileExistsError, ValueError) as e:
+        parser.error(str(e))
+    print(format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
