@@ -1,0 +1,338 @@
+"""Sample index, sample loading and the Dataset, checked against the devkit on the generated dataset."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from nuscenes.eval.detection.utils import category_to_detection_name
+from nuscenes.utils.data_classes import Box
+from nuscenes.utils.geometry_utils import BoxVisibility, points_in_box, view_points
+from nuscenes.utils.splits import create_splits_scenes
+from pyquaternion import Quaternion
+
+from pipeline import index as index_mod
+from pipeline import nusc_db
+from pipeline.classes import CLASS_INDEX, NUM_CLASSES
+from pipeline.collate import collate
+from pipeline.config import load_config
+from pipeline.dataset import DetectionDataset, boxes_in_range, cbgs_indices
+from pipeline.index import build_index, index_path, load_index, read_index_metadata
+from pipeline.loading import load_sample
+from pipeline.sample import SAMPLE_KEYS
+
+VERSION = "v1.0-mini"
+
+
+# --- helpers and fixtures ----------------------------------------------------------------------
+def devkit_box(b: np.ndarray) -> Box:
+    """Devkit Box of an index box (x, y, z, dx, dy, dz, yaw, ...); devkit size order is (w, l, h)."""
+    return Box(center=b[:3], size=[b[4], b[3], b[5]], orientation=Quaternion(axis=[0, 0, 1], radians=float(b[6])))
+
+
+@pytest.fixture(scope="module")
+def index_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Cache folder for indices (the shared dataroot stays untouched)."""
+    return tmp_path_factory.mktemp("index")
+
+
+@pytest.fixture(scope="module")
+def val_rows(nusc_root: Path, index_dir: Path) -> list[dict]:
+    return load_index(nusc_root, VERSION, "mini_val", cache_dir=index_dir)
+
+
+@pytest.fixture(scope="module")
+def train_rows(nusc_root: Path, index_dir: Path) -> list[dict]:
+    return load_index(nusc_root, VERSION, "mini_train", cache_dir=index_dir)
+
+
+@pytest.fixture(scope="module")
+def data_cfg() -> dict:
+    return load_config("nuscenes")["data"]
+
+
+@pytest.fixture
+def dataset_copy(nusc_root: Path, tmp_path: Path) -> Path:
+    """A private copy of the generated dataset that a test may damage."""
+    dst = tmp_path / "nuscenes"
+    shutil.copytree(nusc_root, dst, ignore=shutil.ignore_patterns(".index"))
+    return dst
+
+
+# --- index -------------------------------------------------------------------------------------
+def test_index_is_built_once_then_read_from_parquet(nusc_root, tmp_path, monkeypatch):
+    first = build_index(nusc_root, VERSION, "mini_val", cache_dir=tmp_path)
+    path = index_path(nusc_root, VERSION, "mini_val", cache_dir=tmp_path)
+    assert path.is_file() and read_index_metadata(path)["split"] == "mini_val"
+    mtime = path.stat().st_mtime_ns
+
+    def no_devkit(*args, **kwargs):
+        raise AssertionError("the devkit was opened although a current index exists")
+
+    monkeypatch.setattr(nusc_db, "open_nuscenes", no_devkit)
+    second = build_index(nusc_root, VERSION, "mini_val", cache_dir=tmp_path)
+    assert second.equals(first)
+    assert path.stat().st_mtime_ns == mtime
+    # Other settings are not served from the stale file: they need the devkit again.
+    with pytest.raises(AssertionError, match="devkit was opened"):
+        build_index(nusc_root, VERSION, "mini_val", cache_dir=tmp_path, max_sweeps=2)
+
+
+def test_index_default_location_and_fallback(dataset_copy, tmp_path, monkeypatch):
+    assert index_path(dataset_copy, VERSION, "mini_val") == dataset_copy / ".index" / "v1.0-mini_mini_val.parquet"
+    # A dataroot where .index cannot be made (here: a file of that name) falls back to the user cache.
+    (dataset_copy / ".index").rmdir()  # index_path made it, empty
+    (dataset_copy / ".index").write_text("not a folder")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    path = index_path(dataset_copy, VERSION, "mini_val")
+    assert path.is_relative_to(tmp_path / "xdg")
+    build_index(dataset_copy, VERSION, "mini_val")
+    assert path.is_file()
+
+
+def test_rows_follow_devkit_split_logic(nusc, val_rows, train_rows):
+    splits = create_splits_scenes()
+    for split, rows in (("mini_val", val_rows), ("mini_train", train_rows)):
+        expected = [s["token"] for s in nusc.sample
+                    if nusc.get("scene", s["scene_token"])["name"] in splits[split]]
+        assert len(rows) == len(expected) > 0
+        assert {r["token"] for r in rows} == set(expected)
+        # Scene order of the split list, then time order within a scene.
+        order = [splits[split].index(r["scene_name"]) for r in rows]
+        assert order == sorted(order)
+        for a, b in zip(rows, rows[1:]):
+            if a["scene_name"] == b["scene_name"]:
+                assert a["timestamp"] < b["timestamp"]
+
+
+def test_index_gt_matches_devkit_annotations(nusc, val_rows):
+    for row in val_rows:
+        sample = nusc.get("sample", row["token"])
+        assert row["gt_tokens"] == sample["anns"]
+        _, boxes_dev, _ = nusc.get_sample_data(row["lidar_token"])  # LiDAR frame, same order
+        for b, box, name in zip(row["gt_boxes"], boxes_dev, row["gt_names"]):
+            np.testing.assert_allclose(b[:3], box.center, atol=1e-6)
+            np.testing.assert_allclose(b[3:6], [box.wlh[1], box.wlh[0], box.wlh[2]], atol=1e-6)
+            heading = box.orientation.rotate([1.0, 0.0, 0.0])
+            assert abs(np.cos(b[6]) - heading[0]) < 1e-6 and abs(np.sin(b[6]) - heading[1]) < 1e-6
+            assert name == category_to_detection_name(box.name)
+
+
+def test_key_frame_points_in_each_box_match_num_lidar_pts(nusc, val_rows, nusc_root, data_cfg):
+    """Exact with the devkit's own box; within a few points with the index's yaw-only box.
+
+    The LIDAR_TOP calibration is slightly tilted (as on the real car), so in the LiDAR frame an
+    annotation box has a small pitch/roll (~1e-4 rad) that [x, y, z, dx, dy, dz, yaw] drops; the
+    faces move by millimetres and ground points at the bottom face can change sides.
+    """
+    cfg = dict(data_cfg, lidar_sweeps=0)
+    checked = 0
+    for row in val_rows:
+        pts = load_sample(row, nusc_root, cfg, with_images=False)["points"]
+        assert np.all(pts[:, 4] == 0.0)
+        xyz = pts[:, :3].T.astype(np.float64)
+        _, boxes_dev, _ = nusc.get_sample_data(row["lidar_token"])
+        for b, box_dev, n in zip(row["gt_boxes"], boxes_dev, row["num_lidar_pts"]):
+            assert points_in_box(box_dev, xyz).sum() == n
+            assert abs(int(points_in_box(devkit_box(b), xyz).sum()) - n) <= 3 + 0.03 * n
+            checked += n > 0
+    assert checked > 0
+
+
+def _lifted_box(b: np.ndarray, grow: float) -> Box:
+    """Box b raised 0.2 m off the ground (no ground points) and grown `grow` m on each side in x/y."""
+    return Box([b[0], b[1], b[2] + 0.1], [b[4] + 2 * grow, b[3] + 2 * grow, b[5] - 0.2],
+               Quaternion(axis=[0, 0, 1], radians=float(b[6])))
+
+
+def test_sweeps_have_increasing_lag_and_static_objects_stay_in_their_box(val_rows, nusc_root, data_cfg):
+    """Sweep points of static objects land inside the key-frame box, not in a 0.5 m ring around it.
+
+    Meaningful because the ego moves by metres over the sweeps of these scenes: untransformed
+    sweeps put a quarter or more of those points into the ring.
+    """
+    inside, ring, ego_travel = 0, 0, 0.0
+    for row in val_rows:
+        n_sweeps = len(row["sweep_paths"])
+        pts = load_sample(row, nusc_root, dict(data_cfg, lidar_sweeps=10), with_images=False)["points"]
+        lags = np.unique(pts[:, 4])
+        assert len(lags) == 1 + n_sweeps and lags[0] == 0.0  # one distinct lag per frame, key first
+        np.testing.assert_allclose(lags[1:], np.sort((row["timestamp"] - row["sweep_timestamps"]) * 1e-6),
+                                   rtol=1e-5)
+        assert np.all(np.diff(row["sweep_timestamps"]) < 0)  # newest sweep first: lag grows
+        if n_sweeps:
+            ego_travel = max(ego_travel, float(np.linalg.norm(row["sweep2lidar"][-1][:2, 3])))
+        sweep_pts = pts[pts[:, 4] > 0, :3].T.astype(np.float64)
+        for b, n in zip(row["gt_boxes"], row["num_lidar_pts"]):
+            if n < 10 or np.hypot(b[7], b[8]) > 0.05 or sweep_pts.shape[1] == 0:
+                continue  # only static objects stay put across sweeps
+            n_in = int(points_in_box(_lifted_box(b, 0.0), sweep_pts).sum())
+            inside += n_in
+            ring += int(points_in_box(_lifted_box(b, 0.5), sweep_pts).sum()) - n_in
+    assert ego_travel > 1.0
+    assert inside > 1000
+    assert ring <= 0.03 * inside
+
+
+def test_cam2lidar_and_intrinsics_project_like_the_devkit(nusc, val_rows, data_cfg):
+    projected = 0
+    for row in val_rows[:3]:
+        slots = [list(row["cam_names"]).index(c) for c in data_cfg["cameras"]]
+        for cam, slot in zip(data_cfg["cameras"], slots):
+            cam_token = nusc.get("sample", row["token"])["data"][cam]
+            _, boxes_cam, k_dev = nusc.get_sample_data(cam_token, box_vis_level=BoxVisibility.NONE)
+            by_token = {b.token: b for b in boxes_cam}
+            lidar2cam = np.linalg.inv(row["cam2lidar"][slot])
+            k = row["cam_intrinsics"][slot]
+            np.testing.assert_allclose(k, k_dev)
+            for ann_token, b in zip(row["gt_tokens"], row["gt_boxes"]):
+                box_cam = by_token[ann_token]
+                if box_cam.center[2] < 1.0:
+                    continue
+                expected = view_points(box_cam.center[:, None], k_dev, normalize=True)[:2, 0]
+                p = lidar2cam @ np.append(b[:3], 1.0)
+                ours = (k @ p[:3])[:2] / p[2]
+                np.testing.assert_allclose(ours, expected, atol=1e-3)
+                projected += 1
+    assert projected > 0
+
+
+def test_load_sample_contract_and_gt_filter(nusc, val_rows, nusc_root, data_cfg):
+    row = max(val_rows, key=lambda r: len(r["gt_tokens"]))
+    s = load_sample(row, nusc_root, data_cfg)
+    assert s["token"] == row["token"]
+    assert s["points"].dtype == np.float32 and s["points"].shape[1] == 5
+    key_pts = np.fromfile(nusc_root / row["lidar_path"], dtype=np.float32).reshape(-1, 5)
+    assert (s["points"][:, 4] == 0).sum() == len(key_pts)
+    np.testing.assert_array_equal(s["points"][: len(key_pts), :4], key_pts[:, :4])
+    n_cam = len(data_cfg["cameras"])
+    assert s["images"].dtype == np.uint8 and s["images"].ndim == 4 and s["images"].shape[::3] == (n_cam, 3)
+    assert s["intrinsics"].shape == (n_cam, 3, 3) and s["cam2lidar"].shape == (n_cam, 4, 4)
+    # The front camera's image is the file of the sample's CAM_FRONT sample_data.
+    front = nusc.get("sample_data", nusc.get("sample", row["token"])["data"]["CAM_FRONT"])
+    assert row["cam_paths"][list(row["cam_names"]).index("CAM_FRONT")] == front["filename"]
+    # GT: annotations of the 10 classes with enough points, in annotation order.
+    min_pts = data_cfg["min_points_in_box"]
+    expected = []
+    for ann_token in nusc.get("sample", row["token"])["anns"]:
+        ann = nusc.get("sample_annotation", ann_token)
+        name = category_to_detection_name(ann["category_name"])
+        if name is not None and ann["num_lidar_pts"] + ann["num_radar_pts"] >= min_pts:
+            expected.append(CLASS_INDEX[name])
+    assert s["gt_labels"].dtype == np.int64 and s["gt_labels"].tolist() == expected
+    assert s["gt_boxes"].shape == (len(expected), 9) and s["gt_boxes"].dtype == np.float32
+
+
+# --- dataset -----------------------------------------------------------------------------------
+def _check_contract(s: dict, cfg: dict) -> None:
+    n_cam = len(cfg["data"]["cameras"])
+    h, w = cfg["data"]["image_size"]
+    assert set(SAMPLE_KEYS) <= set(s)
+    assert s["images"].shape == (n_cam, 3, h, w) and s["images"].dtype == np.float32
+    assert s["ida"].shape == (n_cam, 3, 3) and s["bda"].shape == (4, 4)
+    assert s["points"].ndim == 2 and s["points"].shape[1] == 5 and s["points"].dtype == np.float32
+    assert s["gt_boxes"].shape == (len(s["gt_labels"]), 9) and s["gt_labels"].dtype == np.int64
+    assert np.all((s["gt_labels"] >= 0) & (s["gt_labels"] < NUM_CLASSES))
+    assert boxes_in_range(s["gt_boxes"], cfg["grid"]["point_cloud_range"]).all()
+
+
+def test_dataset_eval_and_train_samples(nusc_root, index_dir):
+    cfg = load_config("tiny")
+    ev = DetectionDataset(nusc_root, VERSION, "mini_val", cfg, train=False, seed=0, cache_dir=index_dir)
+    tr = DetectionDataset(nusc_root, VERSION, "mini_train", cfg, train=True, seed=3, cache_dir=index_dir)
+    s_ev, s_tr = ev[0], tr[1]
+    _check_contract(s_ev, cfg)
+    _check_contract(s_tr, cfg)
+    np.testing.assert_array_equal(s_ev["bda"], np.eye(4))
+    # Eval images: normalised with the config's mean/std, so roughly zero-centred and not all equal.
+    assert abs(float(s_ev["images"].mean())) < 3.0 and float(s_ev["images"].std()) > 0.05
+    # Training views are a function of (seed, epoch, item).
+    again = tr.get(1)
+    for key in ("points", "images", "ida", "bda", "gt_boxes"):
+        np.testing.assert_array_equal(again[key], s_tr[key])
+    np.testing.assert_array_equal(s_tr["bda"], tr.bev_aug_matrix_of(1).astype(np.float32))
+    tr.set_epoch(1)
+    assert not np.allclose(tr[1]["bda"], s_tr["bda"])
+    batch = collate([s_ev, s_tr])
+    assert batch["images"].shape[:2] == (2, len(cfg["data"]["cameras"]))
+
+
+def test_dataset_bda_moves_points_and_boxes_together(nusc_root, index_dir):
+    cfg = load_config("tiny")
+    cfg["data"]["bda"]["trans_std"] = [0.0, 0.0, 0.0]  # keep every box in range: counts must match
+    tr = DetectionDataset(nusc_root, VERSION, "mini_val", cfg, train=True, seed=5, cache_dir=index_dir,
+                          with_images=False)
+    item = max(range(len(tr)), key=lambda i: len(tr.row(i)["gt_tokens"]))
+    plain = tr.get(item, bda=np.eye(4))
+    aug = tr.get(item)
+    assert not np.allclose(aug["bda"], np.eye(4))
+    assert len(plain["gt_boxes"]) == len(aug["gt_boxes"]) > 0
+    for b0, b1 in zip(plain["gt_boxes"], aug["gt_boxes"]):
+        n0 = points_in_box(devkit_box(b0), plain["points"][:, :3].T.astype(np.float64)).sum()
+        n1 = points_in_box(devkit_box(b1), aug["points"][:, :3].T.astype(np.float64)).sum()
+        assert abs(int(n0) - int(n1)) <= max(1, 0.02 * n0)  # float round-off at box faces only
+
+
+def test_cbgs_balances_classes_reproducibly(train_rows):
+    idx = cbgs_indices(train_rows, 1, seed=0)
+    np.testing.assert_array_equal(idx, cbgs_indices(train_rows, 1, seed=0))
+    frames = {}
+    for i, row in enumerate(train_rows):
+        for name in set(n for n, a, b in zip(row["gt_names"], row["num_lidar_pts"], row["num_radar_pts"])
+                        if n in CLASS_INDEX and a + b >= 1):
+            frames.setdefault(name, set()).add(i)
+    total = sum(len(v) for v in frames.values())
+    # Each class present gets about total / 10 draws, all from frames containing it.
+    start = 0
+    for name in sorted(frames, key=CLASS_INDEX.get):
+        n = int(len(frames[name]) * 0.1 / (len(frames[name]) / total))
+        drawn = idx[start:start + n]
+        assert set(drawn.tolist()) <= frames[name]
+        start += n
+    assert start == len(idx)
+
+
+def test_boxes_in_range_uses_any_corner():
+    rng = [-10.0, -10.0, -5.0, 10.0, 10.0, 3.0]
+    boxes = np.array([
+        [0, 0, 0, 2, 1, 1, 0, 0, 0],  # well inside
+        [10.8, 0, 0, 2, 1, 1, 0, 0, 0],  # centre outside, back corners inside (x from 9.8)
+        [11.2, 0, 0, 2, 1, 1, 0, 0, 0],  # all corners outside
+        [10.8, 0, 0, 2, 1, 1, np.pi / 2, 0, 0],  # rotated: x extent only +-0.5, outside
+    ], dtype=np.float32)
+    assert boxes_in_range(boxes, rng).tolist() == [True, True, False, False]
+
+
+# --- bad input ---------------------------------------------------------------------------------
+def test_errors_name_the_problem(nusc_root, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        nusc_db.open_nuscenes(tmp_path / "nowhere", VERSION)
+    with pytest.raises(ValueError, match="v1.0-mini.*v1.0-trainval.*v1.0-test"):
+        nusc_db.open_nuscenes(nusc_root, "v1.0-tiny")
+    with pytest.raises(FileNotFoundError, match="v1.0-trainval"):
+        nusc_db.open_nuscenes(nusc_root, "v1.0-trainval")
+    with pytest.raises(ValueError, match="'val' is not valid for nuScenes v1.0-mini.*mini_train"):
+        build_index(nusc_root, VERSION, "val", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="valid splits: \\['test'\\]"):
+        nusc_db.split_scenes("v1.0-test", "train")
+    assert len(nusc_db.split_scenes("v1.0-trainval", "val")) == 150
+
+
+def test_missing_table_is_named(dataset_copy):
+    (dataset_copy / VERSION / "sample_annotation.json").unlink()
+    with pytest.raises(FileNotFoundError, match="sample_annotation.json"):
+        nusc_db.open_nuscenes(dataset_copy, VERSION)
+
+
+def test_missing_sample_file_names_file_and_token(dataset_copy, data_cfg, tmp_path):
+    rows = load_index(dataset_copy, VERSION, "mini_val", cache_dir=tmp_path / "idx")
+    row = rows[0]
+    cam_file = dataset_copy / row["cam_paths"][2]
+    cam_file.unlink()
+    with pytest.raises(FileNotFoundError, match=f"{row['token']}.*{cam_file.name}"):
+        load_sample(row, dataset_copy, data_cfg)
+    lidar_file = dataset_copy / row["lidar_path"]
+    lidar_file.unlink()
+    with pytest.raises(FileNotFoundError, match=f"{row['token']}.*{lidar_file.name}"):
+        load_sample(row, dataset_copy, data_cfg, with_images=False)
