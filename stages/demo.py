@@ -10,36 +10,26 @@ import json
 import time
 from pathlib import Path
 
-from pipeline.synthetic import generate, summarize
+from pipeline.synthetic import META_FILE, format_summary, generate, summarize
 
 DEMO_DATASET = dict(samples_per_scene=10, seed=0)
 
 
 def ensure_dataset(root: Path) -> dict:
-    """Generate the demo dataset under `root` unless one made with the same settings is there."""
-    marker = root / "generated.json"
-    if marker.is_file() and json.loads(marker.read_text()) == DEMO_DATASET:
+    """Generate the demo dataset under `root` unless a complete one made with the same settings is there.
+
+    The generator writes its settings file last, so a dataset cut off mid-way is regenerated.
+    """
+    meta_path = root / META_FILE
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if all(meta.get(k) == v for k, v in DEMO_DATASET.items()):
         print(f"[demo] dataset: reusing {root}")
         return summarize(root)
     t0 = time.perf_counter()
     print(f"[demo] dataset: generating {DEMO_DATASET} into {root} ...")
-    summary = generate(root, **DEMO_DATASET)
-    marker.write_text(json.dumps(DEMO_DATASET))
+    summary = generate(root, **DEMO_DATASET, overwrite=True)
     print(f"[demo] dataset: done in {time.perf_counter() - t0:.1f} s")
     return summary
-
-
-def print_summary(summary: dict) -> None:
-    """Readable table of the dataset summary."""
-    print("\n== generated nuScenes-format dataset (v1.0-mini) ==")
-    per_class = summary.get("boxes_per_class", {})
-    for key, value in summary.items():
-        if key != "boxes_per_class":
-            print(f"  {key:<22} {value}")
-    if per_class:
-        print("  boxes per class:")
-        for name, n in per_class.items():
-            print(f"    {name:<22} {n}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     root = args.out / "nuscenes"
     root.mkdir(parents=True, exist_ok=True)
-    print_summary(ensure_dataset(root))
+    print(format_summary(ensure_dataset(root)))
 
 
 if __name__ == "__main__":
