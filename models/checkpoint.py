@@ -23,10 +23,16 @@ class CheckpointError(ValueError):
 
 def save_model(path: str | Path, model: nn.Module, cfg: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> Path:
     """Write `model`'s weights with its config (and optional metadata) to `path` atomically."""
+    return save_state_dict(path, model.state_dict(), cfg, extra)
+
+
+def save_state_dict(path: str | Path, state_dict: Mapping[str, torch.Tensor], cfg: Mapping[str, Any],
+                    extra: Mapping[str, Any] | None = None) -> Path:
+    """Write a model file from a state dict (e.g. taken from a training checkpoint) atomically."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": dict(cfg),
-               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+               "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
                "extra": dict(extra or {})}
     tmp = p.with_suffix(p.suffix + ".tmp")
     torch.save(payload, tmp)

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -79,11 +79,16 @@ class BEVDetector(nn.Module):
         heatmap, regression = self.head(high)  # [B, 10, H, W], [B, 66, H, W]
         return {"low": low, "high": high, "heatmap": heatmap, "regression": regression}
 
-    def loss(self, batch: Mapping[str, Any], out: DetectorOutput | None = None) -> dict[str, torch.Tensor]:
-        """Named detection losses; 'loss' is their weighted total."""
+    def loss(self, batch: Mapping[str, Any], out: DetectorOutput | None = None,
+             reduce_count: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Named detection losses; 'loss' is their weighted total.
+
+        `reduce_count` averages positive counts over data-parallel workers
+        (models.center_head.mean_over_workers) so every worker normalises alike.
+        """
         out = self(batch) if out is None else out
         return self.head.compute_loss(out["heatmap"], out["regression"], batch["gt_boxes"],
-                                      batch["gt_labels"], batch["gt_mask"])
+                                      batch["gt_labels"], batch["gt_mask"], reduce_count=reduce_count)
 
     @torch.no_grad()
     def predict(self, batch: Mapping[str, Any], out: DetectorOutput | None = None) -> list[dict[str, torch.Tensor]]:

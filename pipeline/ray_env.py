@@ -1,0 +1,87 @@
+"""Connecting the stages to Ray: an existing cluster when there is one, else a local one on loopback.
+
+Order of preference (DESIGN §4):
+1. an explicit `--address` (or `RAY_ADDRESS`, which `ray job submit` sets for its entrypoint);
+2. a cluster already running on this machine (`cluster/local_cluster.sh start`);
+3. a new single-node cluster inside this process, bound to 127.0.0.1 only (DESIGN §5), which is
+   stopped again when the stage ends.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+LOOPBACK = "127.0.0.1"
+OBJECT_STORE_BYTES = 1 << 30  # 1 GiB is plenty for the compact rows the stages move
+
+# Set before Ray is imported anywhere in the process, so that every Ray component started from
+# here stays on loopback and phones nowhere.
+RAY_ENV_DEFAULTS = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_NODE_IP_ADDRESS": LOOPBACK,
+    # Ray Train's print patch echoes every worker line twice on the driver.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+}
+# Environment of Ray Train workers on any cluster (a connected cluster did not inherit ours).
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
+def loopback_environment() -> None:
+    """Apply RAY_ENV_DEFAULTS to os.environ (values already set by the user win).
+
+    Must run before `import ray`: Ray reads the node address once, at import. When RAY_ADDRESS
+    names a cluster to join (as under `ray job submit`), the node address is left to Ray, since
+    that cluster's nodes need not be on loopback.
+    """
+    for key, value in RAY_ENV_DEFAULTS.items():
+        if key == "RAY_NODE_IP_ADDRESS" and os.environ.get("RAY_ADDRESS"):
+            continue
+        os.environ.setdefault(key, value)
+
+
+def _running_local_cluster() -> bool:
+    """True when a Ray cluster started with `ray start` is running on this machine."""
+    from ray._private.services import find_gcs_addresses
+
+    return bool(find_gcs_addresses())
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, log: bool = True) -> bool:
+    """Connect to Ray as described in the module docstring; return True if a local cluster was started.
+
+    Args:
+        address: a Ray address ('auto', '127.0.0.1:6379', 'ray://...'); None follows RAY_ADDRESS
+            or a running local cluster, else starts one.
+        num_cpus: CPUs of a cluster started here (default: all of this machine's).
+    """
+    loopback_environment()
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None and _running_local_cluster():
+        address = "auto"
+    if address is not None:
+        ray.init(address=address, log_to_driver=log)
+        return False
+    # The dashboard (on 127.0.0.1) serves the State API that Ray Train's controller polls.
+    ray.init(num_cpus=num_cpus, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=True,
+             dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK, log_to_driver=log)
+    return True
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
+    """`init_ray` for the duration of a block; shuts down what it connected to or started."""
+    import ray
+
+    already = ray.is_initialized()
+    init_ray(address, num_cpus)
+    try:
+        yield
+    finally:
+        if not already:
+            ray.shutdown()
