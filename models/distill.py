@@ -1,0 +1,455 @@
+"""UniDistill's three distillation losses (spec §2), their optional adaptation layers, and the
+`distill` config with the paper's per-path defaults.
+
+    feature  (L_Fea): student low  (-> adapter) vs teacher low,  L1 at 9 keypoints per GT box
+    relation (L_Rel): student high (-> adapter) vs teacher high, L1 of 9x9 keypoint cosine relations
+    response (L_Resp): class-max heat-map probability and regression, L1 under a Gaussian GT mask
+
+Everything spatial goes through one BEVGrid (DESIGN §3.1): maps are [B, C, H=y, W=x]; keypoints
+are sampled at their true (x, y). The original code samples them mirrored across the diagonal
+(spec §2.2); `keypoint_transpose=True` reproduces that for comparison. Only GT boxes are used;
+rows with gt_mask False are padding and contribute nothing anywhere (unlike the original's
+response mask, spec §2.5).
+
+Teacher maps may come from a float16 cache: they are cast to float32 and detached here, so
+nothing flows back into a teacher. The adaptation layers live in `UniDistillLoss`, not in the
+student, so an exported student is the plain detector.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.box_ops import bev_corners
+from pipeline.classes import NUM_CLASSES, NUM_REGRESSION
+from pipeline.grid import BEVGrid
+
+ReduceCount = Callable[[Tensor], Tensor]
+
+# Keypoint order (spec §2.2): corners c0..c3 of the local offsets (-,-), (-,+), (+,+), (+,-) of
+# (dx/2, dy/2), the centre, then the midpoints of edges (0,1), (1,2), (2,3), (0,3).
+KEYPOINT_NAMES: tuple[str, ...] = ("c0", "c1", "c2", "c3", "centre", "e01", "e12", "e23", "e03")
+# box_ops.bev_corners goes counter-clockwise from (-,-): (-,-), (+,-), (+,+), (-,+). The spec's
+# order is that sequence reversed after c0; since both losses are symmetric in a consistent
+# keypoint permutation only the documented order depends on this, but we keep the original's.
+_SPEC_FROM_BEV_CORNERS = (0, 3, 2, 1)
+_EDGES = ((0, 1), (1, 2), (2, 3), (0, 3))
+
+NORM_EPS = 1e-4  # added to the box count, mask sum and feature norms (spec §2.3-2.5)
+STUDENT_EPS = 1e-4  # clamp of the student's heat-map probabilities (spec §2.5)
+
+
+# --- keypoints and sampling ----------------------------------------------------------------------
+def box_keypoints(gt_boxes: Tensor) -> Tensor:
+    """Metric (x, y) [B, M, 9, 2] of the 9 BEV keypoints (KEYPOINT_NAMES order) of boxes [B, M, >=7].
+
+    Corners come from models.box_ops.bev_corners (sizes taken as magnitudes, rotated
+    counter-clockwise by yaw), re-ordered to the spec's order. z is ignored.
+    """
+    corners = bev_corners(gt_boxes)[..., _SPEC_FROM_BEV_CORNERS, :]  # [B, M, 4, 2]
+    centre = corners.mean(dim=-2, keepdim=True)  # [B, M, 1, 2]
+    mids = torch.stack([(corners[..., i, :] + corners[..., j, :]) / 2 for i, j in _EDGES], dim=-2)  # [B, M, 4, 2]
+    return torch.cat([corners, centre, mids], dim=-2)
+
+
+def sample_at_keypoints(feature: Tensor, keypoints_xy: Tensor, grid: BEVGrid, transpose: bool = False) -> Tensor:
+    """Bilinear samples [B, M, 9, C] of a BEV map [B, C, H, W] at metric keypoints [B, M, 9, 2].
+
+    Zero padding outside the map, align_corners=False, so a point at a cell centre reads that
+    cell exactly. `transpose=True` passes (y_n, x_n) instead of (x_n, y_n) to grid_sample, the
+    original code's swap (spec §2.2), which reads the point mirrored across the diagonal.
+    """
+    if keypoints_xy.dim() != 4 or keypoints_xy.shape[-1] != 2 or keypoints_xy.shape[0] != feature.shape[0]:
+        raise ValueError(f"sample_at_keypoints: keypoints must be [B, M, P, 2] with B = {feature.shape[0]}, "
+                         f"got {tuple(keypoints_xy.shape)}")
+    b, c = feature.shape[:2]
+    m, p = keypoints_xy.shape[1:3]
+    if m == 0:
+        return feature.new_zeros(b, 0, p, c) + feature.flatten()[:0].sum()  # 0, but in the graph (DDP)
+    norm = grid.metric_to_normalized(keypoints_xy.to(feature.dtype))  # [B, M, P, 2] (x_n, y_n)
+    if transpose:
+        norm = norm.flip(-1)
+    out = F.grid_sample(feature, norm, mode="bilinear", padding_mode="zeros", align_corners=False)  # [B, C, M, P]
+    return out.permute(0, 2, 3, 1)
+
+
+# --- the three losses ----------------------------------------------------------------------------
+def _box_mean(per_box: Tensor, valid: Tensor, reduce_count: ReduceCount | None) -> Tensor:
+    """Sum of per-box losses [B, M] over valid boxes / (box count, reduced across workers, + 1e-4)."""
+    count = valid.sum().to(per_box.dtype)
+    if reduce_count is not None:
+        count = reduce_count(count)
+    return torch.where(valid, per_box, torch.zeros_like(per_box)).sum() / (count + NORM_EPS)
+
+
+def feature_distill_loss(student: Tensor, teacher: Tensor, valid: Tensor,
+                         reduce_count: ReduceCount | None = None) -> Tensor:
+    """L_Fea (spec §2.3): per box mean |S - T| over keypoints and channels, then the mean over boxes.
+
+    student, teacher: keypoint features [B, M, 9, C]; valid: [B, M] bool.
+    """
+    per_box = (student - teacher).abs().mean(dim=(2, 3))  # [B, M]
+    return _box_mean(per_box, valid.bool(), reduce_count)
+
+
+def relation_matrix(features: Tensor, eps: float = NORM_EPS) -> Tensor:
+    """Cosine similarities [..., P, P] between the P keypoint features [..., P, C], f / (||f|| + eps)."""
+    unit = features / (features.norm(dim=-1, keepdim=True) + eps)
+    return unit @ unit.transpose(-1, -2)
+
+
+def relation_distill_loss(student: Tensor, teacher: Tensor, valid: Tensor,
+                          reduce_count: ReduceCount | None = None) -> Tensor:
+    """L_Rel (spec §2.4): per box mean |R_S - R_T| over the 9 x 9 relation entries, mean over boxes.
+
+    student: [B, M, 9, C_s], teacher: [B, M, 9, C_t] (widths may differ: only relations are compared).
+    """
+    per_box = (relation_matrix(student) - relation_matrix(teacher)).abs().mean(dim=(2, 3))  # [B, M]
+    return _box_mean(per_box, valid.bool(), reduce_count)
+
+
+def gaussian_radius(size: Tensor, min_overlap: float = 0.7) -> Tensor:
+    """CornerNet/CenterPoint Gaussian radius [...] (in cells, not rounded) of box sizes [..., 2] in cells.
+
+    The minimum of the three roots, in the (b + sqrt(disc)) / 2 form of the original code.
+    """
+    w, h = size[..., 0], size[..., 1]
+    o = min_overlap
+    b1, c1 = h + w, w * h * (1 - o) / (1 + o)
+    r1 = (b1 + torch.sqrt(b1 ** 2 - 4 * c1)) / 2
+    b2, c2 = 2 * (h + w), (1 - o) * w * h
+    r2 = (b2 + torch.sqrt(b2 ** 2 - 16 * c2)) / 2
+    a3, b3, c3 = 4 * o, -2 * o * (h + w), (o - 1) * w * h
+    r3 = (b3 + torch.sqrt(b3 ** 2 - 4 * a3 * c3)) / 2
+    return torch.minimum(torch.minimum(r1, r2), r3)
+
+
+@torch.no_grad()
+def box_gaussian_mask(gt_boxes: Tensor, gt_mask: Tensor, grid: BEVGrid, min_overlap: float = 0.7) -> Tensor:
+    """Class-agnostic CenterNet Gaussian mask [B, H, W] (float32) of the valid boxes (spec §2.5).
+
+    Per box: radius r = int(max(0, gaussian_radius(size in cells))) with no minimum; centre
+    cell (col, row) = int((x - x_min) / cell), int((y - y_min) / cell); a (2r+1)^2 Gaussian of
+    sigma (2r+1)/6 and peak 1 drawn at [row, col], merged by max (draw_umich_gaussian). Rows
+    with gt_mask False draw nothing; neither do boxes whose centre cell is off the map (floor,
+    so centres just below x_min are off too; the original's int() would put them in column 0).
+    Vectorised: one scatter per distinct radius.
+    """
+    b, m = gt_mask.shape
+    h, w = grid.H, grid.W
+    out = torch.zeros(b * h * w, dtype=torch.float32, device=gt_boxes.device)
+    boxes = gt_boxes.detach().double()  # float64 like the original's numpy, for the int() cuts
+    ok = gt_mask.bool() & torch.isfinite(boxes[..., :5]).all(dim=-1)
+    col = torch.floor((boxes[..., 0] - grid.x_min) / grid.cell)
+    row = torch.floor((boxes[..., 1] - grid.y_min) / grid.cell)
+    ok &= (col >= 0) & (col < w) & (row >= 0) & (row < h)
+    if not bool(ok.any()):
+        return out.view(b, h, w)
+    radius = torch.floor(gaussian_radius(boxes[..., 3:5].abs() / grid.cell, min_overlap).clamp(min=0))
+    bi = torch.arange(b, device=out.device)[:, None].expand(b, m)[ok]  # [P]
+    cols, rows, radii = col[ok].long(), row[ok].long(), radius[ok].long()
+    for r in torch.unique(radii).tolist():
+        sel = radii == r
+        k = min(r, max(h, w))  # cells farther than the map size are off the map anyway
+        off = torch.arange(-k, k + 1, device=out.device)
+        dy, dx = off[:, None], off[None, :]  # [K, 1], [1, K]
+        sigma = (2 * r + 1) / 6
+        gauss = torch.exp(-(dx * dx + dy * dy).double() / (2 * sigma * sigma)).float()  # [K, K]
+        rr = rows[sel][:, None, None] + dy  # [P_r, K, 1]
+        cc = cols[sel][:, None, None] + dx  # [P_r, 1, K]
+        inside = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)  # [P_r, K, K]
+        flat = (bi[sel][:, None, None] * h + rr) * w + cc
+        out.scatter_reduce_(0, flat[inside], gauss.expand_as(inside)[inside], reduce="amax", include_self=True)
+    return out.view(b, h, w)
+
+
+def response_distill_loss(student_heatmap: Tensor, student_regression: Tensor, teacher_heatmap: Tensor,
+                          teacher_regression: Tensor, mask: Tensor, *, temperature: float = 2.0,
+                          teacher_eps: float = 1e-4, student_eps: float = STUDENT_EPS,
+                          reduce_count: ReduceCount | None = None) -> tuple[Tensor, Tensor]:
+    """L_Resp (spec §2.5) as (cls part, reg part), each sum(D * mask) / (mask sum, reduced, + 1e-4).
+
+    cls: D = |max_c clamp(sigmoid(hm_S)) - max_c clamp(sigmoid(hm_T / temperature), teacher_eps)|;
+    reg: D = mean over the 66 channels of |R_S - R_T|. Heat maps are logits [B, 10, H, W],
+    regression [B, 66, H, W], mask [B, H, W]. Teacher inputs are detached and cast to float32.
+    """
+    p_s = student_heatmap.float().sigmoid().clamp(student_eps, 1 - student_eps)  # [B, 10, H, W]
+    p_t = (teacher_heatmap.detach().float() / temperature).sigmoid().clamp(teacher_eps, 1 - teacher_eps)
+    d_cls = (p_s.max(dim=1).values - p_t.max(dim=1).values).abs()  # [B, H, W]
+    d_reg = (student_regression.float() - teacher_regression.detach().float()).abs().mean(dim=1)  # [B, H, W]
+    mask = mask.to(d_cls.dtype)
+    norm = mask.sum()
+    if reduce_count is not None:
+        norm = reduce_count(norm)
+    norm = norm + NORM_EPS
+    return (d_cls * mask).sum() / norm, (d_reg * mask).sum() / norm
+
+
+# --- adaptation ----------------------------------------------------------------------------------
+def _adapter(c_in: int, c_out: int, kernel_size: int) -> nn.Conv2d:
+    conv = nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2)
+    if c_in == c_out:  # start as the identity: distillation begins as if there were no adapter
+        with torch.no_grad():
+            conv.weight.zero_()
+            conv.weight[:, :, kernel_size // 2, kernel_size // 2] = torch.eye(c_in)
+            conv.bias.zero_()
+    return conv
+
+
+class DistillAdaptation(nn.Module):
+    """Adapt_1 / Adapt_2 of the paper (spec §2.7): one conv on the student's low map before L_Fea
+    and one on its high map before L_Rel, mapping student channels to teacher channels.
+
+    One plain conv layer (no BN, no ReLU), as the paper's "one-layer convolutional network".
+    Default 1x1: it changes channels per cell without mixing neighbours, so a keypoint still
+    reads the student's feature at that point (a 3x3, like the original's commented-out
+    candidates, can borrow from adjacent cells and hide misalignment); 3x3 is allowed. With
+    equal widths the conv starts as the identity. Training-only: it lives in UniDistillLoss.
+
+    Args:
+        student_low, teacher_low: channels of the low maps (None: no low adapter).
+        student_high, teacher_high: channels of the high maps (None: no high adapter).
+        kernel_size: 1 or 3.
+    """
+
+    def __init__(self, student_low: int | None = None, teacher_low: int | None = None,
+                 student_high: int | None = None, teacher_high: int | None = None, kernel_size: int = 1) -> None:
+        super().__init__()
+        if kernel_size not in (1, 3):
+            raise ValueError(f"distill.adaptation.kernel_size must be 1 or 3, got {kernel_size}")
+        self.low = _adapter(student_low, teacher_low, kernel_size) if student_low is not None else None
+        self.high = _adapter(student_high, teacher_high, kernel_size) if student_high is not None else None
+
+    def forward(self, low: Tensor | None, high: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        """Adapted (low [B, C_t_low, H, W], high [B, C_t_high, H, W]); a map without an adapter passes through."""
+        return (self.low(low) if self.low is not None and low is not None else low,
+                self.high(high) if self.high is not None and high is not None else high)
+
+
+# --- config --------------------------------------------------------------------------------------
+# The `distill` config section. null weights, teacher_eps and adaptation.enabled take the paper's
+# per-path defaults (resolve_distill_config); channels are filled from the two detectors.
+DEFAULT_DISTILL_CONFIG: dict[str, Any] = {
+    "feature": {"enabled": True, "weight": None},
+    "relation": {"enabled": True, "weight": None},
+    "response": {"enabled": True, "weight": None, "temperature": 2.0, "teacher_eps": None, "min_overlap": 0.7},
+    "keypoint_transpose": False,
+    "adaptation": {"enabled": None, "kernel_size": 1},
+    "channels": {"student_low": None, "student_high": None, "teacher_low": None, "teacher_high": None},
+}
+
+# (teacher modality, student modality) -> the released code's settings (spec §2.6, §2.7).
+PATH_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
+    ("lidar", "camera"): {"feature": 100.0, "relation": 40.0, "response": 10.0, "teacher_eps": 1e-4,
+                          "adaptation": False},
+    ("fusion", "camera"): {"feature": 10.0, "relation": 5.0, "response": 10.0, "teacher_eps": 1e-3,
+                           "adaptation": False},
+    ("camera", "lidar"): {"feature": 10.0, "relation": 5.0, "response": 1.0, "teacher_eps": 1e-4,
+                          "adaptation": True},
+    ("fusion", "lidar"): {"feature": 10.0, "relation": 1.0, "response": 10.0, "teacher_eps": 1e-4,
+                          "adaptation": False},
+}
+_GENERIC = {"teacher_eps": 1e-4, "adaptation": False}  # where no path is given
+
+
+def path_defaults(teacher_modality: str, student_modality: str) -> dict[str, Any]:
+    """The full distill config of a path with the paper's weights, teacher eps and adaptation."""
+    key = (teacher_modality, student_modality)
+    if key not in PATH_DEFAULTS:
+        known = ", ".join(f"{t}->{s}" for t, s in PATH_DEFAULTS)
+        raise ValueError(f"distill: no per-path defaults for {teacher_modality}->{student_modality} "
+                         f"(known paths: {known}); set distill.feature/relation/response.weight explicitly")
+    d = PATH_DEFAULTS[key]
+    cfg = copy.deepcopy(DEFAULT_DISTILL_CONFIG)
+    for name in ("feature", "relation", "response"):
+        cfg[name]["weight"] = d[name]
+    cfg["response"]["teacher_eps"] = d["teacher_eps"]
+    cfg["adaptation"]["enabled"] = d["adaptation"]
+    return cfg
+
+
+def _merge_known(base: dict[str, Any], over: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """`over` merged onto `base`; a key `base` lacks is an error naming its path (typos fail fast)."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if k not in out:
+            raise ValueError(f"distill config: unknown key {where}{k} (known: {sorted(out)})")
+        if isinstance(out[k], dict):
+            if not isinstance(v, Mapping):
+                raise ValueError(f"distill config: {where}{k} must be a mapping, got {v!r}")
+            out[k] = _merge_known(out[k], v, f"{where}{k}.")
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def resolve_distill_config(cfg: Mapping[str, Any], teacher_modality: str | None = None,
+                           student_modality: str | None = None, *,
+                           student_channels: tuple[int, int] | None = None,
+                           teacher_channels: tuple[int, int] | None = None) -> dict[str, Any]:
+    """A complete distill config: `cfg` over the defaults, nulls filled from the path's defaults.
+
+    Explicit values in `cfg` win. Without a path (or for a path the paper has no settings for)
+    every weight must be set; teacher_eps then defaults to 1e-4 and adaptation to off.
+    student_channels / teacher_channels are (low, high) widths, e.g. from the detectors or the
+    cache fingerprint, and fill `channels` (explicit config values win there too).
+    """
+    out = _merge_known(DEFAULT_DISTILL_CONFIG, cfg, "distill.")
+    unset = [n for n in ("feature", "relation", "response") if out[n]["weight"] is None]
+    if teacher_modality is not None and student_modality is not None and (
+            unset or (teacher_modality, student_modality) in PATH_DEFAULTS):
+        path = path_defaults(teacher_modality, student_modality)
+    elif unset:
+        raise ValueError(f"distill config: {', '.join(f'distill.{n}.weight' for n in unset)} unset (null means "
+                         f"the path's default) and no distillation path given: call "
+                         f"resolve_distill_config(cfg, teacher_modality, student_modality) or set the weights")
+    else:
+        path = {"response": {"teacher_eps": _GENERIC["teacher_eps"]},
+                "adaptation": {"enabled": _GENERIC["adaptation"]}}
+    for name in unset:
+        out[name]["weight"] = path[name]["weight"]
+    if out["response"]["teacher_eps"] is None:
+        out["response"]["teacher_eps"] = path["response"]["teacher_eps"]
+    if out["adaptation"]["enabled"] is None:
+        out["adaptation"]["enabled"] = path["adaptation"]["enabled"]
+    ch = out["channels"]
+    for prefix, widths in (("student", student_channels), ("teacher", teacher_channels)):
+        if widths is not None:
+            for level, n in zip(("low", "high"), widths):
+                if ch[f"{prefix}_{level}"] is None:
+                    ch[f"{prefix}_{level}"] = int(n)
+    _validate(out)
+    return out
+
+
+def _validate(cfg: Mapping[str, Any]) -> None:
+    for name in ("feature", "relation", "response"):
+        w = cfg[name]["weight"]
+        if not isinstance(w, (int, float)) or w < 0:
+            raise ValueError(f"distill.{name}.weight must be a number >= 0, got {w!r}")
+    r = cfg["response"]
+    if not r["temperature"] > 0:
+        raise ValueError(f"distill.response.temperature must be > 0, got {r['temperature']}")
+    if not 0 <= r["teacher_eps"] < 0.5:
+        raise ValueError(f"distill.response.teacher_eps must be in [0, 0.5), got {r['teacher_eps']}")
+    if not 0 < r["min_overlap"] < 1:
+        raise ValueError(f"distill.response.min_overlap must be in (0, 1), got {r['min_overlap']}")
+    if cfg["adaptation"]["kernel_size"] not in (1, 3):
+        raise ValueError(f"distill.adaptation.kernel_size must be 1 or 3, got {cfg['adaptation']['kernel_size']}")
+
+
+# --- the loss module -----------------------------------------------------------------------------
+class UniDistillLoss(nn.Module):
+    """UniDistill's distillation losses between a student's and a teacher's detector outputs.
+
+    Args:
+        grid: the BEV grid of both detectors' maps.
+        cfg: a `distill` config section; it is resolved with `resolve_distill_config` (no path),
+            so per-path nulls must already be filled.
+    Holds the adaptation layers when `adaptation.enabled` (one per enabled feature/relation
+    loss; `channels` must then give all four widths): put this module's parameters in the
+    optimiser next to the student's.
+
+    forward(student_out, teacher_out, gt_boxes [B, M, 9], gt_mask [B, M], reduce_count=None)
+    returns scalars {feature, relation, response_cls, response_reg, distill = their sum}, each
+    already weighted; a disabled loss (weight 0 or enabled false) is 0 and reads no maps.
+    Outputs are DESIGN §3.2 dicts (low, high, heatmap logits, regression); teacher maps may be
+    float16 and never receive gradients. `reduce_count` maps a local count to the count every
+    worker should divide by (models.center_head.mean_over_workers under DDP).
+    """
+
+    def __init__(self, grid: BEVGrid, cfg: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.grid = grid
+        self.cfg = resolve_distill_config(cfg)
+        c = self.cfg
+        self.weights = {name: float(c[name]["weight"]) if c[name]["enabled"] else 0.0
+                        for name in ("feature", "relation", "response")}
+        self.adaptation: DistillAdaptation | None = None
+        if c["adaptation"]["enabled"] and (self.weights["feature"] > 0 or self.weights["relation"] > 0):
+            ch = c["channels"]
+            need = [f"{p}_{lv}" for lv, name in (("low", "feature"), ("high", "relation"))
+                    if self.weights[name] > 0 for p in ("student", "teacher") if ch[f"{p}_{lv}"] is None]
+            if need:
+                raise ValueError(f"distill.adaptation is enabled but distill.channels lacks {need}: give the "
+                                 f"student and teacher widths (resolve_distill_config(..., student_channels=, "
+                                 f"teacher_channels=))")
+            low = self.weights["feature"] > 0
+            high = self.weights["relation"] > 0
+            self.adaptation = DistillAdaptation(ch["student_low"] if low else None, ch["teacher_low"] if low else None,
+                                                ch["student_high"] if high else None,
+                                                ch["teacher_high"] if high else None,
+                                                kernel_size=c["adaptation"]["kernel_size"])
+
+    def forward(self, student_out: Mapping[str, Tensor], teacher_out: Mapping[str, Tensor], gt_boxes: Tensor,
+                gt_mask: Tensor, reduce_count: ReduceCount | None = None) -> dict[str, Tensor]:
+        if gt_boxes.dim() != 3 or gt_boxes.shape[2] < 7 or gt_mask.shape != gt_boxes.shape[:2]:
+            raise ValueError(f"UniDistillLoss: gt_boxes must be [B, M, 9] and gt_mask [B, M], got "
+                             f"{tuple(gt_boxes.shape)} and {tuple(gt_mask.shape)}")
+        zero = torch.zeros((), device=gt_boxes.device)
+        valid = gt_mask.bool()
+        losses = {"feature": zero, "relation": zero, "response_cls": zero, "response_reg": zero}
+        transpose = bool(self.cfg["keypoint_transpose"])
+        keypoints = box_keypoints(gt_boxes.float()) if self.weights["feature"] or self.weights["relation"] else None
+
+        for name, level, loss_fn in (("feature", "low", feature_distill_loss),
+                                     ("relation", "high", relation_distill_loss)):
+            if not self.weights[name]:
+                continue
+            s = self._map(student_out, level, "student", gt_boxes.shape[0]).float()  # [B, C_s, H, W]
+            t = self._map(teacher_out, level, "teacher", gt_boxes.shape[0]).detach().float()  # [B, C_t, H, W]
+            adapter = getattr(self.adaptation, level) if self.adaptation is not None else None
+            if adapter is not None:
+                s = adapter(s)
+            # Relations are 9 x 9 whatever the width, so only feature KD (or an adapter) needs equal widths.
+            if s.shape[1] != t.shape[1] and (name == "feature" or adapter is not None):
+                raise ValueError(self._width_error(name, level, s.shape[1], t.shape[1], adapter is not None))
+            s_kp = sample_at_keypoints(s, keypoints, self.grid, transpose)  # [B, M, 9, C]
+            with torch.no_grad():
+                t_kp = sample_at_keypoints(t, keypoints, self.grid, transpose)
+            losses[name] = self.weights[name] * loss_fn(s_kp, t_kp, valid, reduce_count)
+
+        if self.weights["response"]:
+            b = gt_boxes.shape[0]
+            maps = {f"{who}_{k}": self._map(out, k, who, b, channels)
+                    for who, out in (("student", student_out), ("teacher", teacher_out))
+                    for k, channels in (("heatmap", NUM_CLASSES), ("regression", NUM_REGRESSION))}
+            r = self.cfg["response"]
+            mask = box_gaussian_mask(gt_boxes, valid, self.grid, r["min_overlap"])  # [B, H, W]
+            cls, reg = response_distill_loss(maps["student_heatmap"], maps["student_regression"],
+                                             maps["teacher_heatmap"], maps["teacher_regression"], mask,
+                                             temperature=r["temperature"], teacher_eps=r["teacher_eps"],
+                                             reduce_count=reduce_count)
+            losses["response_cls"] = self.weights["response"] * cls
+            losses["response_reg"] = self.weights["response"] * reg
+
+        losses["distill"] = losses["feature"] + losses["relation"] + losses["response_cls"] + losses["response_reg"]
+        return losses
+
+    def _map(self, out: Mapping[str, Tensor], key: str, who: str, batch: int, channels: int | None = None) -> Tensor:
+        """out[key] checked to be [batch, C, H, W] on this grid (C = `channels` or the configured width)."""
+        if key not in out or out[key] is None:
+            raise KeyError(f"UniDistillLoss: the {who} outputs lack {key!r}, needed by an enabled loss "
+                           f"(got keys {sorted(k for k, v in out.items() if v is not None)})")
+        t = out[key]
+        if channels is None and key in ("low", "high"):
+            channels = self.cfg["channels"][f"{who}_{key}"]
+        ok = t.dim() == 4 and t.shape[0] == batch and tuple(t.shape[2:]) == (self.grid.H, self.grid.W)
+        if not ok or (channels is not None and t.shape[1] != channels):
+            want = f"[{batch}, {channels if channels is not None else 'C'}, {self.grid.H}, {self.grid.W}]"
+            raise ValueError(f"UniDistillLoss: {who} {key} must be {want} (batch, configured channels, "
+                             f"this grid), got {tuple(t.shape)}")
+        return t
+
+    @staticmethod
+    def _width_error(name: str, level: str, c_student: int, c_teacher: int, adapted: bool) -> str:
+        if adapted:
+            return (f"UniDistillLoss: the {level} adapter maps to {c_student} channels but the teacher's "
+                    f"{level} map has {c_teacher}: fix distill.channels.teacher_{level}")
+        return (f"UniDistillLoss: {name} distillation compares the student's {level} map ({c_student} channels) "
+                f"with the teacher's ({c_teacher} channels); enable distill.adaptation (with distill.channels) "
+                f"to map {c_student} -> {c_teacher} channels, or distil between detectors of equal width")
