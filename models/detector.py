@@ -57,6 +57,16 @@ class BEVDetector(nn.Module):
         self.head = head
 
     @property
+    def low_channels(self) -> int:
+        """C_low: channels of the low-level BEV map."""
+        return (self.fusion or self.lidar_encoder or self.camera_encoder).out_channels
+
+    @property
+    def high_channels(self) -> int:
+        """C_high: channels of the high-level BEV map."""
+        return self.bev_encoder.out_channels
+
+    @property
     def modality(self) -> str:
         if self.fusion is not None:
             return "fusion"
@@ -112,8 +122,7 @@ def build_detector(cfg: Mapping[str, Any], device: torch.device | str | None = N
         camera = CameraEncoder(grid, **m["camera_encoder"])
     if modality == "fusion":
         fusion = FusionEncoder(lidar.out_channels, camera.out_channels, **m["fusion"])
-    low_channels = (fusion or lidar or camera).out_channels
-    bev = BEVEncoder(low_channels, **m["bev_encoder"])
+    bev = BEVEncoder((fusion or lidar or camera).out_channels, **m["bev_encoder"])
     head = CenterHead(grid, bev.out_channels, **m["head"])
     return BEVDetector(grid, bev, head, lidar, camera, fusion).to(device)
 

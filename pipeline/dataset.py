@@ -82,6 +82,18 @@ def cbgs_indices(rows: Sequence[Mapping[str, Any]], min_points: int, seed: int) 
     return np.concatenate(out)
 
 
+def augment_bev(sample: Sample, mat: np.ndarray, grid: BEVGrid) -> Sample:
+    """Apply a BDA [4, 4] to an un-augmented sample's points and boxes in place (also setting its
+    `bda`), then drop boxes wholly outside the grid's range. Returns the sample."""
+    sample["points"] = augment.transform_points(sample["points"], mat)
+    boxes = augment.transform_boxes(sample["gt_boxes"], mat)
+    keep = boxes_in_range(boxes, grid.point_cloud_range)
+    sample["gt_boxes"] = boxes[keep].astype(np.float32)
+    sample["gt_labels"] = sample["gt_labels"][keep]
+    sample["bda"] = np.asarray(mat, dtype=np.float32)
+    return sample
+
+
 class DetectionDataset(torch.utils.data.Dataset):
     """Augmented samples of one split, in the sample contract of pipeline/sample.py.
 
@@ -164,13 +176,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         sample["images"], sample["ida"] = out, ida
 
     def _augment_bev(self, sample: Sample, mat: np.ndarray) -> None:
-        """Apply the BDA to points and boxes, then drop boxes wholly outside the grid's range."""
-        sample["points"] = augment.transform_points(sample["points"], mat)
-        boxes = augment.transform_boxes(sample["gt_boxes"], mat)
-        keep = boxes_in_range(boxes, self.grid.point_cloud_range)
-        sample["gt_boxes"] = boxes[keep].astype(np.float32)
-        sample["gt_labels"] = sample["gt_labels"][keep]
-        sample["bda"] = np.asarray(mat, dtype=np.float32)
+        augment_bev(sample, mat, self.grid)
 
 
 def class_counts(dataset: DetectionDataset) -> dict[str, int]:

@@ -21,11 +21,30 @@ RAY_ENV_DEFAULTS = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_NODE_IP_ADDRESS": LOOPBACK,
+    # A cluster reachable from this machine only needs no token; Ray's CLI and its in-process
+    # clusters disagree on the default, which breaks `ray status` and `ray job submit`.
+    "RAY_AUTH_MODE": "disabled",
     # Ray Train's print patch echoes every worker line twice on the driver.
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }
 # Environment of Ray Train workers on any cluster (a connected cluster did not inherit ours).
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+# Object-store settings a driver passes on to the workers of its job when they are set: workers
+# must reach the caches and runs the driver names (e.g. an S3-compatible endpoint).
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                 "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "GOOGLE_APPLICATION_CREDENTIALS")
+
+
+def job_runtime_env() -> dict:
+    """runtime_env of this driver's job: the FORWARDED_ENV variables that are set here.
+
+    Empty under `ray job submit`, whose job already carries its runtime_env (pass variables with
+    --runtime-env-json there).
+    """
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        return {}
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    return {"env_vars": env} if env else {}
 
 
 def loopback_environment() -> None:
@@ -33,10 +52,10 @@ def loopback_environment() -> None:
 
     Must run before `import ray`: Ray reads the node address once, at import. When RAY_ADDRESS
     names a cluster to join (as under `ray job submit`), the node address is left to Ray, since
-    that cluster's nodes need not be on loopback.
+    that cluster's nodes need not be on loopback and its authentication is its operator's choice.
     """
     for key, value in RAY_ENV_DEFAULTS.items():
-        if key == "RAY_NODE_IP_ADDRESS" and os.environ.get("RAY_ADDRESS"):
+        if key in ("RAY_NODE_IP_ADDRESS", "RAY_AUTH_MODE") and os.environ.get("RAY_ADDRESS"):
             continue
         os.environ.setdefault(key, value)
 
@@ -65,7 +84,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log: bool 
     if address is None and _running_local_cluster():
         address = "auto"
     if address is not None:
-        ray.init(address=address, log_to_driver=log)
+        ray.init(address=address, log_to_driver=log, runtime_env=job_runtime_env() or None)
         return False
     # The dashboard (on 127.0.0.1) serves the State API that Ray Train's controller polls.
     ray.init(num_cpus=num_cpus, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=True,

@@ -26,3 +26,61 @@ def nusc(nusc_root: Path):
     from nuscenes.nuscenes import NuScenes
 
     return NuScenes(version="v1.0-mini", dataroot=str(nusc_root), verbose=False)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A Ray cluster on 127.0.0.1 for the whole test session, started and stopped with the project's
+    own script (cluster/local_cluster.sh). Stages in this process and in subprocesses join it
+    through RAY_ADDRESS; `dashboard` is the address for `ray job submit`.
+    """
+    import os
+    import subprocess
+    import sys
+
+    port, dash = free_port(), free_port()
+    env = dict(os.environ, RAY_PORT=str(port), RAY_DASHBOARD_PORT=str(dash),
+               PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    script = str(REPO / "cluster" / "local_cluster.sh")
+    subprocess.run([script, "start", "--cpus", "4"], env=env, check=True, capture_output=True, timeout=180)
+    old = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    try:
+        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        subprocess.run([script, "stop"], env=env, capture_output=True, timeout=120)
+        if old is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model file of the tiny LiDAR preset with seeded random weights (a stand-in teacher)."""
+    import torch
+
+    from models.detector import build_detector, save_detector
+    from pipeline.config import load_config
+
+    torch.manual_seed(0)
+    cfg = load_config("tiny_lidar")
+    path = tmp_path_factory.mktemp("teacher") / "model.pt"
+    save_detector(path, build_detector(cfg).eval(), cfg)
+    return path

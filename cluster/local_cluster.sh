@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# A Ray cluster on this machine, bound to 127.0.0.1 only (DESIGN §5).
+#
+#   cluster/local_cluster.sh start [--cpus N] [--workers K] [--worker-cpus M]
+#       head node with N CPUs (default: all), plus K extra worker nodes of M CPUs each on the
+#       same machine (to rehearse multi-node runs); prints the status and the dashboard URL.
+#   cluster/local_cluster.sh add-worker [--worker-cpus M]   one more worker node
+#   cluster/local_cluster.sh status
+#   cluster/local_cluster.sh stop
+#
+# Stages find the running cluster by themselves; jobs go to it with
+#   ray job submit --address http://127.0.0.1:8265 --working-dir . -- python stages/X.py ...
+# Ports: RAY_PORT (GCS, default 6379), RAY_DASHBOARD_PORT (default 8265).
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")/.." && pwd)"
+# Jobs run `python` from the PATH of the node that runs them: put the project's venv first.
+if [ -x "$here/.venv/bin/ray" ]; then
+    export PATH="$here/.venv/bin:$PATH"
+fi
+export RAY_USAGE_STATS_ENABLED=0 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_NODE_IP_ADDRESS=127.0.0.1
+# Reachable from this machine only: no auth token (Ray's CLI and `ray start` disagree on the default).
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
+export RAY_TRAIN_ENABLE_PRINT_PATCH=0
+ip=127.0.0.1
+port="${RAY_PORT:-6379}"
+dash="${RAY_DASHBOARD_PORT:-8265}"
+object_store=$((1024 * 1024 * 1024))
+
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+
+add_worker() {
+    local cpus="$1"
+    ray start --address "$ip:$port" --node-ip-address "$ip" --num-cpus "$cpus" \
+        --object-store-memory "$object_store" --disable-usage-stats >/dev/null
+}
+
+status() {
+    local out=""
+    for _ in $(seq 1 60); do  # the autoscaler reports a few seconds after start
+        out="$(ray status --address "$ip:$port" 2>&1)" || true
+        case "$out" in *"Resources"*) break ;; esac
+        sleep 0.5
+    done
+    echo "$out"
+    echo "dashboard: http://$ip:$dash   (ray job submit --address http://$ip:$dash ...)"
+}
+
+cmd="${1:-}"
+[ -n "$cmd" ] || usage
+shift
+cpus="" workers=0 worker_cpus=1
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --cpus) cpus="$2"; shift 2 ;;
+        --workers) workers="$2"; shift 2 ;;
+        --worker-cpus) worker_cpus="$2"; shift 2 ;;
+        *) echo "unknown option: $1" >&2; usage ;;
+    esac
+done
+
+case "$cmd" in
+    start)
+        args=(--head --node-ip-address "$ip" --port "$port" --dashboard-host "$ip" --dashboard-port "$dash"
+              --object-store-memory "$object_store" --disable-usage-stats)
+        [ -n "$cpus" ] && args+=(--num-cpus "$cpus")
+        ray start "${args[@]}" >/dev/null
+        for _ in $(seq 1 "$workers"); do add_worker "$worker_cpus"; done
+        status
+        ;;
+    add-worker) add_worker "$worker_cpus"; status ;;
+    status) status ;;
+    stop) ray stop --force >/dev/null 2>&1 || true; echo "ray stopped" ;;
+    *) usage ;;
+esac

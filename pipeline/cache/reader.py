@@ -1,0 +1,84 @@
+"""Reading teacher targets from a cache: what a student (or a check) does.
+
+`CacheReader(uri)` opens a complete cache read-only, maps sample tokens to rows through the
+manifest, and returns a sample's stored maps for one view as float32 numpy arrays. Opening checks
+the cache is complete; `check_compatible` refuses a cache whose grid, class order or channel
+layout differ from the student's, naming the differing fields.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from pipeline.cache import store
+from pipeline.cache.schema import MAP_NAMES, CacheError, CacheLayout, CacheMismatchError, differing_fields
+
+# Fingerprint fields a student's own model must agree with.
+STUDENT_MUST_MATCH = ("grid", "class_order", "channels.heatmap", "channels.regression")
+
+
+class CacheReader:
+    """Read-only access to a complete cache (see module docstring). Picklable: Zarr arrays pickle
+    without data, so a reader can be handed to DataLoader workers."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = str(uri)
+        group = store.open_cache_group(self.uri, mode="r")
+        attrs = dict(group.attrs)
+        if not attrs.get("complete"):
+            layout = CacheLayout.from_dict(attrs["layout"])
+            missing = layout.num_shards - len(store.read_markers(self.uri))
+            raise CacheError(f"cache {self.uri} is incomplete: {missing} of {layout.num_shards} shards are "
+                             f"missing; re-run stages/cache_teacher.py with the same arguments to finish it")
+        self.fingerprint: dict[str, Any] = dict(attrs["fingerprint"])
+        self.layout = CacheLayout.from_dict(attrs["layout"])
+        self.dtype: str = attrs["dtype"]
+        self.arrays = {name: group[name] for name in (*MAP_NAMES, "bda")}
+        manifest = store.read_manifest(self.uri).to_pydict()
+        self.row_of: dict[str, int] = dict(zip(manifest["token"], manifest["row"]))
+        self.shard_of: dict[str, int] = dict(zip(manifest["token"], manifest["shard"]))
+
+    @property
+    def views(self) -> int:
+        return self.layout.views
+
+    def __contains__(self, token: str) -> bool:
+        return token in self.row_of
+
+    def check_compatible(self, expected: Mapping[str, Any], keys: Sequence[str] = STUDENT_MUST_MATCH) -> None:
+        """Raise CacheMismatchError naming every field under `keys` that differs from `expected`."""
+        differ = differing_fields(self.fingerprint, expected, tuple(keys))
+        if differ:
+            have = {f: self._field(self.fingerprint, f) for f in differ}
+            want = {f: self._field(expected, f) for f in differ}
+            raise CacheMismatchError(f"cache {self.uri} does not fit this student: differing "
+                                     f"{', '.join(differ)} (cache {have}, student {want})", differ)
+
+    @staticmethod
+    def _field(d: Mapping[str, Any], dotted: str) -> Any:
+        for part in dotted.split("."):
+            if not isinstance(d, Mapping) or part not in d:
+                return None
+            d = d[part]
+        return d
+
+    def row(self, token: str, view: int = 0) -> int:
+        """Row of (sample token, view)."""
+        if token not in self.row_of:
+            raise CacheError(f"cache {self.uri} holds no sample {token} (built for "
+                             f"{self.fingerprint['dataset']['version']} {self.fingerprint['dataset']['split']})")
+        if not 0 <= view < self.views:
+            raise CacheError(f"cache {self.uri} has {self.views} views per sample, asked for view {view}")
+        return self.row_of[token] + view
+
+    def read(self, token: str, view: int = 0, names: Sequence[str] = MAP_NAMES) -> dict[str, np.ndarray]:
+        """The stored maps of one view as float32 ([C, H, W] each) plus its BDA [4, 4]."""
+        r = self.row(token, view)
+        out = {name: store.decode_maps(np.asarray(self.arrays[name][r]), self.dtype) for name in names}
+        out["bda"] = np.asarray(self.arrays["bda"][r], dtype=np.float64)
+        return out
+
+    def bda(self, token: str, view: int) -> np.ndarray:
+        """The BDA [4, 4] of a stored view (to replay it on the student's input)."""
+        return np.asarray(self.arrays["bda"][self.row(token, view)], dtype=np.float64)

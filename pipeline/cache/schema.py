@@ -1,0 +1,124 @@
+"""What a teacher-target cache holds and how it is identified (DESIGN §3.4).
+
+A cache is a Zarr v3 group. Rows are (sample, view) pairs: sample i of the split, view k, is row
+i * K + k. Per row it stores the teacher's four output maps and the view's BEV-augmentation
+matrix:
+
+    low         [R, C_low, H, W]   float16 (or bfloat16 / float32)
+    high        [R, C_high, H, W]
+    heatmap     [R, 10, H, W]      logits, CLASS_NAMES order
+    regression  [R, 66, H, W]      REGRESSION_CHANNELS per task, TASKS order
+    bda         [R, 4, 4]          float32, LiDAR frame -> the view's augmented frame
+
+Maps are chunked in (1 row, all channels, tile x tile cells) and sharded in whole groups of
+`shard_samples` samples (all their views, the full map): a shard is the unit of writing, a
+chunk (one tile of one view) the unit of reading. All-zero chunks are never stored.
+
+The fingerprint (group attribute) names everything that changes what the cache holds; a cache is
+reused only for an identical fingerprint, and a student checks the parts that must match its own
+model (grid, class order, channel layout).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from pipeline.classes import CLASS_NAMES, NUM_CLASSES, NUM_REGRESSION, regression_channel_names
+
+SCHEMA_VERSION = 1
+MAP_NAMES: tuple[str, ...] = ("low", "high", "heatmap", "regression")
+DTYPES = ("float16", "bfloat16", "float32")
+STORAGE_MODES = ("dense", "foreground")
+MANIFEST_FILE = "manifest.parquet"
+MARKER_DIR = "shards"
+
+
+class CacheError(ValueError):
+    """A cache is missing, incomplete, corrupt, or does not fit what is asked of it."""
+
+
+class CacheMismatchError(CacheError):
+    """A cache was built with other settings than required; `fields` names the differing ones."""
+
+    def __init__(self, message: str, fields: list[str]) -> None:
+        super().__init__(message)
+        self.fields = fields
+
+
+def channel_layout(low: int, high: int) -> dict[str, Any]:
+    """Channel counts (and names where they have meaning) of the four maps."""
+    return {"low": int(low), "high": int(high), "heatmap": list(CLASS_NAMES),
+            "regression": regression_channel_names()}
+
+
+def map_channels(layout: Mapping[str, Any]) -> dict[str, int]:
+    """Channels of each stored map from a channel layout."""
+    return {"low": int(layout["low"]), "high": int(layout["high"]), "heatmap": NUM_CLASSES,
+            "regression": NUM_REGRESSION}
+
+
+def fingerprint_hash(fingerprint: Mapping[str, Any]) -> str:
+    """Stable SHA-256 of a fingerprint (canonical JSON)."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a.b': value} view of a nested mapping (lists stay values)."""
+    if not isinstance(d, Mapping):
+        return {prefix.rstrip("."): d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}."))
+    return out
+
+
+def differing_fields(have: Mapping[str, Any], want: Mapping[str, Any], keys: tuple[str, ...] | None = None) -> list[str]:
+    """Dotted fields that differ between two fingerprints (only under `keys` when given)."""
+    a, b = flatten(have), flatten(want)
+    fields = sorted(set(a) | set(b))
+    if keys is not None:
+        fields = [f for f in fields if any(f == k or f.startswith(k + ".") for k in keys)]
+    return [f for f in fields if a.get(f) != b.get(f)]
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """Sizes of a cache's arrays: N samples x K views, shards of S samples, square tiles."""
+
+    num_samples: int
+    views: int
+    shard_samples: int
+    tile: int
+    height: int
+    width: int
+    channels: Mapping[str, int]
+
+    @property
+    def rows(self) -> int:
+        return self.num_samples * self.views
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_samples // self.shard_samples)
+
+    def shard_samples_range(self, shard: int) -> range:
+        """Sample positions of a shard."""
+        if not 0 <= shard < self.num_shards:
+            raise CacheError(f"shard {shard} does not exist (the cache has {self.num_shards})")
+        return range(shard * self.shard_samples, min(self.num_samples, (shard + 1) * self.shard_samples))
+
+    def shard_rows(self, shard: int) -> range:
+        """Rows of a shard: every view of each of its samples."""
+        samples = self.shard_samples_range(shard)
+        return range(samples.start * self.views, samples.stop * self.views)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"num_samples": self.num_samples, "views": self.views, "shard_samples": self.shard_samples,
+                "tile": self.tile, "height": self.height, "width": self.width, "channels": dict(self.channels)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CacheLayout":
+        return cls(int(d["num_samples"]), int(d["views"]), int(d["shard_samples"]), int(d["tile"]),
+                   int(d["height"]), int(d["width"]), {k: int(v) for k, v in d["channels"].items()})

@@ -1,0 +1,349 @@
+"""Build a teacher-target cache with Ray Data (the body of stages/cache_teacher.py).
+
+Every row of the Ray Data pipeline is one whole shard, so no shard is ever split between tasks:
+
+    shard descriptors --load_shards (CPU tasks)--> the shard's un-augmented samples
+                      --TeacherRunner (actor pool, GPU when asked)--> its encoded maps, all views
+                      --write_shard (CPU tasks)--> Zarr shard objects, then the shard's marker
+
+The arrays are created once on the driver before anything runs (zarr-python cannot create
+concurrently or write part of a shard safely). Loading, teacher compute and writing run in
+different workers, so Ray Data's streaming executor overlaps them. A retried task rewrites the
+same shard with the same bytes. Markers make the job resumable: a re-run skips durable shards.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from models.checkpoint import file_sha256, read_model_file
+from models.detector import load_detector
+from pipeline import nusc_db
+from pipeline.cache import store
+from pipeline.cache.schema import (DTYPES, SCHEMA_VERSION, STORAGE_MODES, CacheError, CacheLayout,
+                                   CacheMismatchError, channel_layout, differing_fields, map_channels)
+from pipeline.cache.views import foreground_tiles, tile_mask, view_matrices
+from pipeline.classes import CLASS_NAMES
+from pipeline.collate import collate
+from pipeline.dataset import DetectionDataset, augment_bev
+from pipeline.grid import BEVGrid
+from pipeline.index import load_index
+from pipeline.inference import eval_dataset
+from pipeline.ray_env import ray_session
+from pipeline.sample import Sample
+from pipeline.train_loop import to_device
+
+def default_tile(grid: BEVGrid) -> int:
+    """Chunk tile size (cells): about 8 tiles across, between 4 and 16 cells (the paper's 180x180 map
+    gets 16-cell tiles of 9.6 m, the tiny 64x64 map 8-cell tiles of 12.8 m)."""
+    return int(min(16, max(4, min(grid.H, grid.W) // 8)))
+DEFAULT_VIEW_SEED = 0
+# Inputs of the teacher's config that change its outputs (beyond the weights): the fingerprint keeps them.
+INPUT_KEYS = ("cameras", "lidar_sweeps", "image_size", "image_mean", "image_std", "min_points_in_box")
+
+
+@dataclass(frozen=True)
+class CacheJob:
+    """Everything a caching task needs (plain data, shipped to every Ray worker)."""
+
+    uri: str
+    teacher_path: str
+    dataroot: str
+    version: str
+    split: str
+    layout: dict
+    storage: str
+    dtype: str
+    view_seed: int
+    teacher_batch: int = 2
+    tokens: tuple[str, ...] = field(default=(), repr=False)
+
+    @property
+    def cache_layout(self) -> CacheLayout:
+        return CacheLayout.from_dict(self.layout)
+
+
+def cache_fingerprint(teacher_path: str, teacher_cfg: Mapping[str, Any], low: int, high: int, version: str,
+                      split: str, tokens: list[str], layout: CacheLayout, storage: str, dtype: str,
+                      view_seed: int) -> dict[str, Any]:
+    """Everything that changes what a cache holds (DESIGN §3.4)."""
+    data = teacher_cfg["data"]
+    views: dict[str, Any] = {"count": layout.views, "seed": view_seed}
+    if layout.views > 1:
+        views["bda"] = dict(data["bda"])
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "teacher": {"sha256": file_sha256(teacher_path), "modality": teacher_cfg["model"]["modality"],
+                    "model": dict(teacher_cfg["model"])},
+        "grid": BEVGrid.from_config(teacher_cfg["grid"]).to_dict(),
+        "class_order": list(CLASS_NAMES),
+        "channels": channel_layout(low, high),
+        "inputs": {k: data[k] for k in INPUT_KEYS},
+        "dataset": {"version": version, "split": split, "samples": len(tokens),
+                    "tokens_sha256": store.combined_checksum({"tokens": ",".join(tokens)})},
+        "views": views,
+        "storage": storage,
+        "dtype": dtype,
+        "layout": {"shard_samples": layout.shard_samples, "tile": layout.tile},
+    }
+
+
+# --- Ray Data stages ---------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=2)
+def _inputs_dataset(teacher_path: str, dataroot: str, version: str, split: str) -> DetectionDataset:
+    """The teacher's un-augmented input samples of a split, built once per worker process."""
+    cfg = read_model_file(teacher_path)["config"]
+    return eval_dataset(cfg, dataroot, version, split, cfg["model"]["modality"])
+
+
+def load_shards(batch: Mapping[str, np.ndarray], job: CacheJob) -> dict[str, np.ndarray]:
+    """Ray Data task: shard descriptors -> each shard's un-augmented teacher inputs (pickled samples)."""
+    dataset = _inputs_dataset(job.teacher_path, job.dataroot, job.version, job.split)
+    shards = [int(s) for s in batch["shard"]]
+    payloads = []
+    for shard in shards:
+        samples = [dataset.get(i, bda=np.eye(4)) for i in job.cache_layout.shard_samples_range(shard)]
+        payloads.append(pickle.dumps(samples, protocol=pickle.HIGHEST_PROTOCOL))
+    return {"shard": np.asarray(shards), "payload": np.asarray(payloads, dtype=object)}
+
+
+def encode_shard_maps(outputs: list[dict[str, torch.Tensor]], boxes: list[np.ndarray], job: CacheJob,
+                      grid: BEVGrid) -> dict[str, np.ndarray]:
+    """Teacher outputs of a shard's rows -> stored arrays (foreground tiles only when asked)."""
+    layout = job.cache_layout
+    encoded = {}
+    for name in ("low", "high", "heatmap", "regression"):
+        maps = torch.cat([o[name] for o in outputs]).float()  # [R, C, H, W]
+        if job.storage == "foreground":
+            keep = np.stack([tile_mask(foreground_tiles(b, grid, layout.tile), grid, layout.tile) for b in boxes])
+            maps = maps * torch.from_numpy(keep)[:, None].to(maps.dtype)
+        encoded[name] = store.encode_maps(maps, job.dtype)
+    return encoded
+
+
+class TeacherRunner:
+    """Shard inputs -> the teacher's encoded maps for every view of every sample (frozen teacher)."""
+
+    def __init__(self, job: CacheJob) -> None:
+        self.job = job
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.model, self.cfg = load_detector(job.teacher_path, device=device)
+        self.model.eval()
+        self.grid = BEVGrid.from_config(self.cfg["grid"])
+        self.bda_cfg = self.cfg["data"]["bda"]
+
+    @torch.no_grad()
+    def run_views(self, samples: list[Sample]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Encoded maps [R, C, H, W] and BDA matrices [R, 4, 4] of all views, rows sample-major."""
+        views = self.job.cache_layout.views
+        mats = [view_matrices(s["token"], views, self.bda_cfg, self.job.view_seed) for s in samples]
+        inputs = []
+        for s, m in zip(samples, mats):
+            for k in range(views):
+                view = {key: (v.copy() if isinstance(v, np.ndarray) else v) for key, v in s.items()}
+                inputs.append(augment_bev(view, m[k], self.grid))
+        outputs, boxes = [], []
+        for i in range(0, len(inputs), self.job.teacher_batch):
+            chunk = inputs[i:i + self.job.teacher_batch]
+            out = self.model(to_device(collate(chunk), self.device))
+            outputs.append({k: v.detach().cpu() for k, v in out.items()})
+            boxes += [c["gt_boxes"] for c in chunk]
+        return encode_shard_maps(outputs, boxes, self.job, self.grid), np.concatenate(mats).astype(np.float32)
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        payloads = []
+        for shard, payload in zip(batch["shard"], batch["payload"]):
+            samples = pickle.loads(payload)
+            maps, bda = self.run_views(samples)
+            payloads.append(pickle.dumps({"maps": maps, "bda": bda, "tokens": [s["token"] for s in samples],
+                                          "teacher_pid": os.getpid()}, protocol=pickle.HIGHEST_PROTOCOL))
+        return {"shard": np.asarray(batch["shard"]), "payload": np.asarray(payloads, dtype=object)}
+
+
+def write_one_shard(job: CacheJob, shard: int, maps: Mapping[str, np.ndarray], bda: np.ndarray,
+                    tokens: list[str], teacher_pid: int | None = None) -> dict[str, Any]:
+    """Store one whole shard, then record it as durable. Returns its marker record."""
+    layout = job.cache_layout
+    rows = layout.shard_rows(shard)
+    samples = list(layout.shard_samples_range(shard))
+    for name, arr in (*maps.items(), ("bda", bda)):
+        if arr.shape[0] != len(rows):  # a task writes a whole shard or nothing (DESIGN §3.4)
+            raise CacheError(f"shard {shard}: {name} has {arr.shape[0]} rows, the shard has {len(rows)}")
+    if [job.tokens[i] for i in samples] != list(tokens):
+        raise CacheError(f"shard {shard}: samples arrived out of order")
+    group = store.open_cache_group(job.uri, mode="r+")
+    for name, arr in (*maps.items(), ("bda", bda)):
+        group[name][rows.start:rows.stop] = arr
+    record = {"shard": shard, "samples": samples, "tokens": list(tokens), "rows": [rows.start, rows.stop],
+              "checksums": store.shard_checksums(job.uri, shard), "bytes": store.shard_bytes(job.uri, shard),
+              "node": _node_id(), "host": socket.gethostname(), "pid": os.getpid(), "teacher_pid": teacher_pid,
+              "time": time.time()}
+    store.write_marker(job.uri, shard, record)
+    return record
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray (direct use, tests)
+        return "local"
+
+
+def write_shards(batch: Mapping[str, np.ndarray], job: CacheJob) -> dict[str, np.ndarray]:
+    """Ray Data task: write each shard of the batch whole; return one small row per shard."""
+    out: dict[str, list] = {"shard": [], "bytes": [], "node": []}
+    for shard, payload in zip(batch["shard"], batch["payload"]):
+        data = pickle.loads(payload)
+        rec = write_one_shard(job, int(shard), data["maps"], data["bda"], data["tokens"], data.get("teacher_pid"))
+        out["shard"].append(rec["shard"])
+        out["bytes"].append(rec["bytes"])
+        out["node"].append(rec["node"])
+    return {k: np.asarray(v, dtype=object if k == "node" else None) for k, v in out.items()}
+
+
+# --- driver --------------------------------------------------------------------------------------
+@dataclass
+class CacheSummary:
+    uri: str
+    samples: int
+    views: int
+    shards: int
+    shards_written: int
+    shards_skipped: int
+    bytes: int
+    seconds: float
+    nodes: list[str]
+
+    @property
+    def bytes_per_sample(self) -> float:
+        return self.bytes / max(1, self.samples)
+
+    def format(self) -> str:
+        rate = self.samples * (self.shards_written / max(1, self.shards)) / max(self.seconds, 1e-9)
+        return (f"cache {self.uri}: {self.samples} samples x {self.views} views in {self.shards} shards "
+                f"({self.shards_written} written, {self.shards_skipped} already complete); "
+                f"{self.bytes / 2**20:.1f} MiB, {self.bytes_per_sample / 2**20:.2f} MiB/sample; "
+                f"{rate:.2f} samples/s written")
+
+
+def plan_cache(teacher_path: str, dataroot: str, version: str, split: str, uri: str, views: int, storage: str,
+               dtype: str, shard_samples: int, tile: int | None = None,
+               view_seed: int = DEFAULT_VIEW_SEED) -> tuple[CacheJob, dict[str, Any]]:
+    """Check the inputs and work out the cache's layout and fingerprint (nothing is written)."""
+    if storage not in STORAGE_MODES:
+        raise ValueError(f"--storage {storage!r} is not one of {STORAGE_MODES}")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r} is not one of {DTYPES}")
+    if views < 1 or shard_samples < 1 or (tile is not None and tile < 1):
+        raise ValueError(f"views, shard samples and tile must be >= 1, got {views}, {shard_samples}, {tile}")
+    nusc_db.check_dataroot(dataroot, version)
+    nusc_db.check_split(version, split)
+    model, cfg = load_detector(teacher_path)  # strict: a teacher with missing or unexpected keys is refused
+    rows = load_index(dataroot, version, split, max_sweeps=max(10, int(cfg["data"]["lidar_sweeps"])))
+    tokens = [r["token"] for r in rows]
+    if not tokens:
+        raise CacheError(f"split {split} of {dataroot} has no samples")
+    grid = model.grid
+    tile = default_tile(grid) if tile is None else int(tile)
+    layout = CacheLayout(num_samples=len(tokens), views=views, shard_samples=shard_samples, tile=tile,
+                         height=grid.H, width=grid.W,
+                         channels=map_channels(channel_layout(model.low_channels, model.high_channels)))
+    fingerprint = cache_fingerprint(teacher_path, cfg, model.low_channels, model.high_channels, version, split,
+                                    tokens, layout, storage, dtype, view_seed)
+    job = CacheJob(uri=str(uri), teacher_path=str(Path(teacher_path).resolve()),
+                   dataroot=str(Path(dataroot).resolve()), version=version, split=split, layout=layout.to_dict(),
+                   storage=storage, dtype=dtype, view_seed=view_seed, tokens=tuple(tokens))
+    return job, fingerprint
+
+
+def prepare_store(job: CacheJob, fingerprint: Mapping[str, Any], compressor_name: str, overwrite: bool) -> set[int]:
+    """Create the cache, or check an existing one; return the shards already durable."""
+    if store.group_exists(job.uri):
+        group = store.open_cache_group(job.uri, mode="r")
+        have = dict(group.attrs.get("fingerprint", {}))
+        differ = differing_fields(have, fingerprint)
+        if not differ:
+            return set(store.read_markers(job.uri))
+        if not overwrite:
+            raise CacheMismatchError(
+                f"cache {job.uri} was built with other settings (differing: {', '.join(differ)}); "
+                f"pass --overwrite to replace it or choose another --cache", differ)
+        print(f"[cache] --overwrite: removing {job.uri} (differing: {', '.join(differ)})", flush=True)
+        store.delete_cache(job.uri)
+    store.create_cache_group(job.uri, job.cache_layout, fingerprint, job.dtype, compressor_name)
+    return set()
+
+
+def run_pipeline(job: CacheJob, shards: list[int], actors: int, gpus_per_actor: float, cpus_per_actor: float,
+                 cpus_per_loader: float = 0.5, cpus_per_writer: float = 0.5) -> list[dict]:
+    """Ray Data: load, run the teacher and write `shards`; returns one row per written shard.
+
+    Raises CacheError if a shard came back twice or not at all (each shard has one writer).
+    """
+    import ray.data
+
+    ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=max(1, len(shards)))
+    ds = ds.map_batches(load_shards, fn_kwargs={"job": job}, batch_size=1, num_cpus=cpus_per_loader)
+    ds = ds.map_batches(TeacherRunner, fn_constructor_kwargs={"job": job}, batch_size=1,
+                        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
+                        num_gpus=gpus_per_actor)
+    ds = ds.map_batches(write_shards, fn_kwargs={"job": job}, batch_size=1, num_cpus=cpus_per_writer)
+    rows = list(ds.iter_rows())
+    written = sorted(int(r["shard"]) for r in rows)
+    if written != sorted(shards):
+        raise CacheError(f"cache {job.uri}: the job wrote shards {written}, expected each of {sorted(shards)} once")
+    return rows
+
+
+def finalize(job: CacheJob) -> tuple[int, list[str]]:
+    """Write the manifest from the markers and mark the cache complete; return (bytes, writer nodes)."""
+    markers = store.read_markers(job.uri)
+    layout = job.cache_layout
+    missing = sorted(set(range(layout.num_shards)) - set(markers))
+    if missing:
+        raise CacheError(f"cache {job.uri}: {len(missing)} shards are still missing (e.g. {missing[:5]})")
+    store.write_manifest(job.uri, store.manifest_table(markers.values(), layout.views))
+    group = store.open_cache_group(job.uri, mode="r+")
+    group.attrs["complete"] = True
+    return sum(int(m["bytes"]) for m in markers.values()), sorted({m["node"] for m in markers.values()})
+
+
+def build_cache(teacher_path: str, dataroot: str, version: str, split: str, uri: str, views: int = 1,
+                storage: str = "dense", dtype: str = "float16", shard_samples: int = 8, tile: int | None = None,
+                compressor_name: str = "blosc-zstd", overwrite: bool = False, actors: int = 1,
+                use_gpu: bool = False, cpus_per_actor: float = 1.0, teacher_batch: int = 2,
+                address: str | None = None, view_seed: int = DEFAULT_VIEW_SEED) -> CacheSummary:
+    """Run the teacher over a split once and store its targets (see the module docstring)."""
+    start = time.perf_counter()
+    job, fingerprint = plan_cache(teacher_path, dataroot, version, split, uri, views, storage, dtype,
+                                  shard_samples, tile, view_seed)
+    job = CacheJob(**{**asdict(job), "teacher_batch": int(teacher_batch)})
+    done = prepare_store(job, fingerprint, compressor_name, overwrite)
+    layout = job.cache_layout
+    todo = [s for s in range(layout.num_shards) if s not in done]
+    if done:
+        print(f"[cache] {len(done)} of {layout.num_shards} shards are already complete: skipping them", flush=True)
+    if todo:
+        print(f"[cache] writing {len(todo)} shards of {layout.shard_samples} samples x {layout.views} views "
+              f"({storage}, {dtype}) to {uri}", flush=True)
+        with ray_session(address):
+            run_pipeline(job, todo, actors=actors, gpus_per_actor=1.0 if use_gpu else 0.0,
+                         cpus_per_actor=cpus_per_actor)
+    total_bytes, nodes = finalize(job)
+    summary = CacheSummary(uri=str(uri), samples=layout.num_samples, views=layout.views, shards=layout.num_shards,
+                           shards_written=len(todo), shards_skipped=len(done), bytes=total_bytes,
+                           seconds=time.perf_counter() - start, nodes=nodes)
+    print("[cache] " + summary.format(), flush=True)
+    return summary

@@ -1,0 +1,80 @@
+"""Run a trained, frozen teacher once over a nuScenes split with Ray Data and store its BEV features
+and head responses in a sharded Zarr v3 cache (DESIGN §3.4).
+
+    python stages/cache_teacher.py --teacher runs/lidar_teacher/model.pt --dataroot DIR \
+        --split mini_train --cache caches/lidar_mini_train [--views K] [--storage dense|foreground]
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python stages/cache_teacher.py ...
+    python stages/cache_teacher.py --cache URI --verify | --inspect | --render TOKEN [--view K]
+
+Re-running the same command skips the shards already written; a cache of the same fingerprint is
+reused as is; a different fingerprint at the same URI is refused unless --overwrite.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+try:  # `python stages/cache_teacher.py` (script) or `import stages.cache_teacher`
+    from _cli import add_ray_args, apply_ray_address, run_main
+except ImportError:
+    from stages._cli import add_ray_args, apply_ray_address, run_main
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", required=True, help="cache location: a local path or a URL (s3://bucket/caches/x)")
+    ap.add_argument("--teacher", help="teacher model file (RUN_DIR/model.pt)")
+    ap.add_argument("--dataroot", help="nuScenes dataroot (real or generated)")
+    ap.add_argument("--version", default="v1.0-mini")
+    ap.add_argument("--split", default=None, help="split to cache (default: the version's train split)")
+    ap.add_argument("--views", type=int, default=1, help="views per sample: 1 = canonical only; K > 1 adds "
+                    "K-1 seeded BEV augmentations for exact replay")
+    ap.add_argument("--storage", default="dense", choices=("dense", "foreground"))
+    ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    ap.add_argument("--shard-samples", type=int, default=8, help="samples per shard (the unit of writing)")
+    ap.add_argument("--tile", type=int, default=None,
+                    help="chunk tile size in BEV cells, the unit of reading (default: about 8 tiles across)")
+    ap.add_argument("--compressor", default="blosc-zstd", choices=("blosc-zstd", "zstd", "blosc-lz4", "none"))
+    ap.add_argument("--overwrite", action="store_true", help="replace a cache built with other settings")
+    ap.add_argument("--actors", type=int, default=1, help="teacher actors")
+    ap.add_argument("--teacher-batch", type=int, default=2, help="samples per teacher forward")
+    ap.add_argument("--cpus-per-actor", type=float, default=1.0)
+    ap.add_argument("--gpu", action="store_true", help="one GPU per teacher actor")
+    ap.add_argument("--verify", action="store_true", help="check every shard against the manifest checksums")
+    ap.add_argument("--inspect", action="store_true", help="print schema, fingerprint and sizes")
+    ap.add_argument("--render", metavar="TOKEN", help="write a PNG of this sample's cached maps")
+    ap.add_argument("--view", type=int, default=0, help="view to render")
+    ap.add_argument("--out", default="cache_render.png", help="PNG path for --render")
+    add_ray_args(ap)
+    args = ap.parse_args(argv)
+    apply_ray_address(args.address)
+
+    from pipeline.cache import inspect
+
+    if args.verify:
+        report = inspect.verify(args.cache)
+        print(inspect.format_verify(report))
+        if report["bad"] or report["missing"]:
+            sys.exit(1)
+        return
+    if args.inspect:
+        print(inspect.format_describe(inspect.describe(args.cache)))
+        return
+    if args.render:
+        print(f"wrote {inspect.render(args.cache, args.render, args.view, args.out)}")
+        return
+    if not args.teacher or not args.dataroot:
+        ap.error("--teacher and --dataroot are needed to build a cache")
+
+    from pipeline.cache.writer import build_cache
+    from pipeline.trainer import default_train_split
+
+    build_cache(args.teacher, args.dataroot, args.version, args.split or default_train_split(args.version),
+                args.cache, views=args.views, storage=args.storage, dtype=args.dtype,
+                shard_samples=args.shard_samples, tile=args.tile, compressor_name=args.compressor,
+                overwrite=args.overwrite, actors=args.actors, use_gpu=args.gpu, cpus_per_actor=args.cpus_per_actor,
+                teacher_batch=args.teacher_batch, address=args.address)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))

@@ -1,0 +1,282 @@
+"""The teacher-target cache: Ray Data really runs the teacher, Zarr really stores the shards."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.detector import load_detector
+from models.distill import UniDistillLoss, resolve_distill_config
+from pipeline.cache import inspect, store
+from pipeline.cache.reader import CacheReader
+from pipeline.cache.schema import CacheError, CacheLayout, CacheMismatchError
+from pipeline.cache.views import view_matrix
+from pipeline.cache.writer import build_cache, write_one_shard
+from pipeline.collate import collate
+from pipeline.inference import eval_dataset
+from pipeline.grid import BEVGrid
+
+from tests.conftest import REPO, free_port
+
+VERSION, SPLIT = "v1.0-mini", "mini_val"  # 2 scenes x 3 key frames: 6 samples
+
+
+def build(teacher, root, uri, **kw):
+    kw.setdefault("shard_samples", 2)
+    kw.setdefault("cpus_per_actor", 0.5)
+    return build_cache(str(teacher), str(root), VERSION, SPLIT, str(uri), **kw)
+
+
+def teacher_outputs(teacher: Path, root: Path, item: int, bda: np.ndarray) -> dict[str, torch.Tensor]:
+    """The teacher's maps for one dataset item under one BEV augmentation, computed directly."""
+    model, cfg = load_detector(teacher)
+    model.eval()
+    sample = eval_dataset(cfg, root, VERSION, SPLIT, model.modality).get(item, bda=bda)
+    with torch.no_grad():
+        out = model(collate([sample]))
+    return {k: v[0] for k, v in out.items()}, sample
+
+
+@pytest.fixture(scope="module")
+def caches(ray_cluster, tiny_teacher, nusc_root, tmp_path_factory):
+    """Caches built once for this module: dense with 1 and 2 views, foreground with 2 views.
+    Tests that damage a cache work on a copy."""
+    root = tmp_path_factory.mktemp("caches")
+    out = {}
+    for name, kw in (("dense1", {}), ("dense2", {"views": 2}), ("fg2", {"views": 2, "storage": "foreground"})):
+        out[name] = (root / name, build(tiny_teacher, nusc_root, root / name, **kw))
+    return out
+
+
+def copy_of(caches, name, tmp_path) -> Path:
+    import shutil
+
+    dst = tmp_path / name
+    shutil.copytree(caches[name][0], dst)
+    return dst
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dense1", "dense2"])
+def test_cached_maps_equal_the_teacher_run_directly(caches, tiny_teacher, nusc_root, name):
+    uri, summary = caches[name]
+    views = summary.views
+    assert summary.shards == 3 and summary.shards_written == 3
+    reader = CacheReader(str(uri))
+    tokens = list(reader.row_of)
+    assert len(tokens) == 6 and reader.views == views
+    for item in (0, 5):
+        for view in range(views):
+            bda = view_matrix(tokens[item], view, load_detector(tiny_teacher)[1]["data"]["bda"], 0)
+            if view == 0:
+                assert np.allclose(bda, np.eye(4))
+            direct, _ = teacher_outputs(tiny_teacher, nusc_root, item, bda)
+            cached = reader.read(tokens[item], view)
+            assert np.allclose(cached["bda"], bda, atol=1e-6)
+            for name in ("low", "high", "heatmap", "regression"):
+                want = direct[name].numpy()
+                assert cached[name].shape == want.shape
+                np.testing.assert_allclose(cached[name], want, rtol=2e-3, atol=2e-3 * max(1.0, np.abs(want).max()),
+                                           err_msg=f"{name} view {view}")
+    if views > 1:  # augmented views are really different inputs
+        a, b = reader.read(tokens[0], 0)["low"], reader.read(tokens[0], 1)["low"]
+        assert not np.allclose(a, b)
+    assert inspect.verify(str(uri))["bad"] == {}
+
+
+@pytest.mark.slow
+def test_same_command_reuses_the_cache(caches, tiny_teacher, nusc_root):
+    uri, summary = caches["dense2"]
+    before = store.read_markers(str(uri))
+    again = build(tiny_teacher, nusc_root, uri, views=2)
+    assert again.shards_written == 0 and again.shards_skipped == 3 and again.bytes == summary.bytes
+    assert store.read_markers(str(uri)) == before
+
+
+@pytest.mark.slow
+def test_fingerprint_mismatch_is_refused_and_overwrite_replaces(caches, tiny_teacher, nusc_root, tmp_path):
+    uri = copy_of(caches, "dense1", tmp_path)
+    with pytest.raises(CacheMismatchError, match="dtype") as err:
+        build(tiny_teacher, nusc_root, uri, dtype="float32")
+    assert err.value.fields == ["dtype"]
+    with pytest.raises(CacheMismatchError, match="storage"):
+        build(tiny_teacher, nusc_root, uri, storage="foreground")
+    assert CacheReader(str(uri)).dtype == "float16", "a refused run leaves the cache as it was"
+    build(tiny_teacher, nusc_root, uri, dtype="float32", overwrite=True)
+    assert CacheReader(str(uri)).dtype == "float32"
+    reader = CacheReader(str(uri))
+    student = dict(reader.fingerprint)
+    student["grid"] = dict(student["grid"], out_size_factor=4)
+    with pytest.raises(CacheMismatchError, match="grid.out_size_factor"):
+        reader.check_compatible(student)
+    reversed_classes = dict(reader.fingerprint, class_order=reader.fingerprint["class_order"][::-1])
+    with pytest.raises(CacheMismatchError, match="class_order"):
+        reader.check_compatible(reversed_classes)
+
+
+def test_verify_reports_corrupt_and_missing_shards(caches, tmp_path):
+    uri = copy_of(caches, "dense1", tmp_path)
+    obj = uri / store.shard_object_key("high", 1)
+    data = bytearray(obj.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    obj.write_bytes(bytes(data))
+    (uri / store.shard_object_key("bda", 2)).unlink()
+    report = inspect.verify(str(uri))
+    assert report["ok"] == [0]
+    assert "high (altered)" in report["bad"][1] and "bda (missing)" in report["bad"][2]
+    done = subprocess.run([sys.executable, "stages/cache_teacher.py", "--cache", str(uri), "--verify"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "shard 1: checksum mismatch in high (altered)" in done.stdout
+
+
+def test_a_task_writes_whole_shards_only(tiny_teacher, nusc_root, tmp_path):
+    """write_one_shard refuses part of a shard (concurrent partial writers lose data, DESIGN §3.4)."""
+    from pipeline.cache.writer import plan_cache, prepare_store
+
+    job, fp = plan_cache(str(tiny_teacher), str(nusc_root), VERSION, SPLIT, str(tmp_path / "c"), 1, "dense",
+                         "float16", 2)
+    prepare_store(job, fp, "blosc-zstd", overwrite=False)
+    layout = job.cache_layout
+    h, w = layout.height, layout.width
+    maps = {n: np.zeros((1, c, h, w), np.float16) for n, c in layout.channels.items()}  # 1 row of a 2-row shard
+    with pytest.raises(CacheError, match="shard 0: low has 1 rows, the shard has 2"):
+        write_one_shard(job, 0, maps, np.zeros((1, 4, 4), np.float32), list(job.tokens[:2]))
+    assert store.read_markers(job.uri) == {}
+    with pytest.raises(CacheError, match="incomplete: 3 of 3 shards are missing"):
+        CacheReader(job.uri)
+
+
+@pytest.mark.slow
+def test_concurrent_writers_each_write_distinct_whole_shards(ray_cluster, tiny_teacher, nusc_root, tmp_path):
+    uri = tmp_path / "cache"
+    build(tiny_teacher, nusc_root, uri, shard_samples=1, actors=2)
+    markers = store.read_markers(str(uri))
+    layout = CacheLayout.from_dict(store.open_cache_group(str(uri)).attrs["layout"])
+    assert sorted(markers) == list(range(6))
+    for shard, rec in markers.items():
+        assert rec["rows"] == [layout.shard_rows(shard).start, layout.shard_rows(shard).stop]
+        assert rec["samples"] == list(layout.shard_samples_range(shard))
+    assert len({rec["teacher_pid"] for rec in markers.values()}) == 2, "both teacher actors produced shards"
+
+
+@pytest.mark.slow
+def test_foreground_storage_gives_the_same_losses_with_fewer_bytes(caches, tiny_teacher, nusc_root):
+    (dense_uri, dense), (fg_uri, fg) = caches["dense2"], caches["fg2"]
+    assert fg.bytes < 0.8 * dense.bytes
+    rd, rf = CacheReader(str(dense_uri)), CacheReader(str(fg_uri))
+    _, cfg = load_detector(tiny_teacher)
+    grid = BEVGrid.from_config(cfg["grid"])
+    dcfg = resolve_distill_config({}, "lidar", "camera", student_channels=(64, 128), teacher_channels=(64, 128))
+    loss = UniDistillLoss(grid, dcfg)
+    torch.manual_seed(1)
+    tokens = list(rd.row_of)
+    for item in range(len(tokens)):
+        for view in range(2):
+            bda = rd.bda(tokens[item], view)
+            _, sample = teacher_outputs(tiny_teacher, nusc_root, item, bda)
+            batch = collate([sample])
+            student = {"low": torch.randn(1, 64, grid.H, grid.W), "high": torch.randn(1, 128, grid.H, grid.W),
+                       "heatmap": torch.randn(1, 10, grid.H, grid.W), "regression": torch.randn(1, 66, grid.H, grid.W)}
+            values = []
+            for reader in (rd, rf):
+                maps = reader.read(tokens[item], view)
+                teacher = {k: torch.from_numpy(maps[k])[None] for k in ("low", "high", "heatmap", "regression")}
+                values.append(loss(student, teacher, batch["gt_boxes"], batch["gt_mask"]))
+            for name in ("feature", "relation", "response_cls", "response_reg"):
+                assert torch.allclose(values[0][name], values[1][name], rtol=1e-5, atol=1e-7), (item, view, name)
+            if len(sample["gt_boxes"]):
+                assert values[0]["distill"] > 0
+
+
+def _run_stage(args: list[str], env: dict, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "stages/cache_teacher.py", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+
+
+@pytest.mark.slow
+def test_killed_job_resumes_without_rewriting_finished_shards(ray_cluster, tiny_teacher, nusc_root, tmp_path):
+    uri = tmp_path / "cache"
+    args = ["--teacher", str(tiny_teacher), "--dataroot", str(nusc_root), "--split", SPLIT, "--cache", str(uri),
+            "--shard-samples", "1", "--views", "2", "--teacher-batch", "1", "--cpus-per-actor", "0.5"]
+    env = dict(os.environ)
+    proc = _run_stage(args, env)
+    markers: dict = {}
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        markers = store.read_markers(str(uri)) if (uri / "zarr.json").exists() else {}
+        if markers:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    before = store.read_markers(str(uri))
+    assert 1 <= len(before) < 6, f"the job should be cut off part-way ({len(before)} shards were done)"
+    with pytest.raises(CacheError, match="incomplete"):
+        CacheReader(str(uri))
+    done = _run_stage(args, env)
+    out, _ = done.communicate(timeout=600)
+    assert done.returncode == 0, out
+    assert f"{len(before)} of 6 shards are already complete: skipping them" in out
+    after = store.read_markers(str(uri))
+    assert sorted(after) == list(range(6))
+    for shard, rec in before.items():  # finished shards were not rewritten
+        assert after[shard]["time"] == rec["time"] and after[shard]["pid"] == rec["pid"]
+    assert inspect.verify(str(uri))["bad"] == {}
+    check = subprocess.run([sys.executable, "stages/cache_teacher.py", "--cache", str(uri), "--verify"], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0 and "verified 6 of 6 shards: 0 bad, 0 missing" in check.stdout
+
+
+@pytest.fixture
+def s3_server():
+    """A moto S3 server on 127.0.0.1 with a bucket, and the AWS variables pointing at it."""
+    boto3 = pytest.importorskip("boto3", reason="moto[server] (dev dependency) provides boto3")
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        for _ in range(100):
+            try:
+                boto3.client("s3").create_bucket(Bucket="caches")
+                break
+            except Exception:  # noqa: BLE001 - the server is still starting
+                time.sleep(0.1)
+        yield "s3://caches"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.mark.slow
+def test_s3_url_round_trip(s3_server, caches, tiny_teacher, nusc_root):
+    """The cache on an S3-compatible object store (moto on 127.0.0.1) holds what a local cache holds."""
+    local_uri, local = caches["dense1"]
+    remote = build(tiny_teacher, nusc_root, f"{s3_server}/unidistill/cache")
+    assert remote.shards_written == 3 and remote.bytes == local.bytes
+    rl, rr = CacheReader(str(local_uri)), CacheReader(f"{s3_server}/unidistill/cache")
+    assert rl.fingerprint == rr.fingerprint
+    for token in list(rl.row_of)[:3]:
+        a, b = rl.read(token), rr.read(token)
+        for k in a:
+            assert np.array_equal(a[k], b[k])
+    assert inspect.verify(f"{s3_server}/unidistill/cache")["ok"] == [0, 1, 2]
+    assert build(tiny_teacher, nusc_root, f"{s3_server}/unidistill/cache").shards_written == 0
+    info = inspect.describe(f"{s3_server}/unidistill/cache")
+    assert info["complete"] and json.dumps(info["fingerprint"])
