@@ -73,6 +73,24 @@ def lidar_boxes_to_results(row: Mapping[str, Any], boxes: np.ndarray, scores: np
     return out
 
 
+def global_results_to_lidar(row: Mapping[str, Any], results: list[dict]) -> np.ndarray:
+    """Boxes [K, 9] in the key-frame LiDAR frame of nuScenes sample_results (the inverse of
+    `lidar_boxes_to_results`, for drawing and checks)."""
+    l2e, e2g = np.asarray(row["lidar2ego"]).reshape(4, 4), np.asarray(row["ego2global"]).reshape(4, 4)
+    l2e_q, e2g_q = _quat(l2e), _quat(e2g)
+    out = np.zeros((len(results), BOX_DIM))
+    for i, det in enumerate(results):
+        vel = det.get("velocity", [0.0, 0.0])
+        box = Box(det["translation"], det["size"], Quaternion(det["rotation"]), velocity=(vel[0], vel[1], 0.0))
+        box.translate(-e2g[:3, 3])
+        box.rotate(e2g_q.inverse)
+        box.translate(-l2e[:3, 3])
+        box.rotate(l2e_q.inverse)
+        w, length, h = box.wlh
+        out[i] = [*box.center, length, w, h, box.orientation.yaw_pitch_roll[0], *box.velocity[:2]]
+    return out
+
+
 def results_document(results: Mapping[str, list[dict]], sample_tokens: Iterable[str], use_camera: bool,
                      use_lidar: bool) -> dict[str, Any]:
     """The results JSON document: meta block plus a (possibly empty) list for every split token.

@@ -22,7 +22,7 @@ import yaml
 
 from models.checkpoint import save_state_dict
 from pipeline import nusc_db, storage
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, diff_keys
 from pipeline.index import build_index
 from pipeline.ray_env import WORKER_ENV, ray_session
 from pipeline.train_loop import read_checkpoint_state, train_loop_per_worker
@@ -40,16 +40,6 @@ def default_train_split(version: str) -> str:
     return splits[0]
 
 
-def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested mappings."""
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        out = []
-        for key in sorted(set(a) | set(b), key=str):
-            out += _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")
-        return out
-    return [] if a == b else [prefix.rstrip(".")]
-
-
 def prepare_run_folder(output: str, cfg: Mapping[str, Any], identity: Mapping[str, Any]) -> None:
     """Write config.yaml into a new run folder, or check that an existing run was made the same way.
 
@@ -60,7 +50,7 @@ def prepare_run_folder(output: str, cfg: Mapping[str, Any], identity: Mapping[st
     path = storage.join(output, CONFIG_FILE)
     if storage.exists(path):
         old = yaml.safe_load(storage.read_bytes(path)) or {}
-        differ = [k for k in _diff_keys(old, doc) if not k.startswith("config.runtime")]
+        differ = [k for k in diff_keys(old, doc) if not k.startswith("config.runtime")]
         if differ:
             raise ConfigError(f"run folder {output} already holds a run made with other settings "
                               f"(differing: {', '.join(differ)}); choose a new --output to start a new run")
