@@ -16,9 +16,14 @@ BEVGrid cell (i, j) activates cells within rows {i, i+1} x cols {j, j+1}, always
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
-import spconv.pytorch as spconv
+# spconv 2.3.6 decorates its functions with torch.cuda.amp's deprecated custom_fwd/custom_bwd at
+# import time; the FutureWarnings say nothing about this project's code.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"spconv\.")
+    import spconv.pytorch as spconv
 import torch
 from spconv.pytorch import ConvAlgo
 from spconv.pytorch.utils import PointToVoxel

@@ -8,7 +8,7 @@ Both schedules step once per iteration so that resuming mid-run restores them ex
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -56,9 +56,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg: Mapping[str, An
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=float(train_cfg["step_gamma"]))
 
 
-def clip_gradients(model: nn.Module, max_norm: float) -> float:
-    """Clip the global gradient norm to `max_norm` (0 disables) and return the norm before clipping."""
-    params = [p for p in model.parameters() if p.grad is not None]
+def clip_gradients(modules: Sequence[nn.Module], max_norm: float) -> float:
+    """Clip the global gradient norm of the modules' parameters to `max_norm` (0 disables); return
+    the norm before clipping."""
+    params = [p for m in modules for p in m.parameters() if p.grad is not None]
     if not params:
         return 0.0
     if max_norm and max_norm > 0:

@@ -43,13 +43,15 @@ class TrainTask:
         losses: (model, extra, batch) -> named scalar losses with the total under 'loss'; `model`
             may be wrapped in DistributedDataParallel (call it for the forward pass).
         extra: trainable modules used only by the losses (e.g. distillation adaptation layers):
-            checkpointed for resume, never exported.
+            checkpointed for resume, never exported; their gradients are averaged over workers.
+        collate_fn: batches the dataset's samples (default pipeline.collate.collate).
     """
 
     model: nn.Module
     dataset: Dataset
     losses: LossFn
     extra: nn.ModuleDict = field(default_factory=nn.ModuleDict)
+    collate_fn: Callable[[list], dict] = collate
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -62,7 +64,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    """Move a collated batch's tensors (and lists of tensors) to `device`."""
+    """Move a collated batch's tensors (also inside lists and nested dicts) to `device`."""
     out: dict[str, Any] = {}
     non_blocking = device.type == "cuda"
     for key, value in batch.items():
@@ -70,9 +72,23 @@ def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
             out[key] = value.to(device, non_blocking=non_blocking)
         elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
             out[key] = [v.to(device, non_blocking=non_blocking) for v in value]
+        elif isinstance(value, Mapping):
+            out[key] = to_device(value, device)
         else:
             out[key] = value
     return out
+
+
+def average_gradients(module: nn.Module, world: int) -> None:
+    """All-reduce (mean) the gradients of a module that DDP does not wrap."""
+    if world <= 1:
+        return
+    import torch.distributed as dist
+
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= world
 
 
 def seed_everything(seed: int) -> None:
@@ -129,7 +145,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     sampler = DistributedSampler(task.dataset, num_replicas=world, rank=rank, shuffle=True,
                                  seed=int(tr["seed"]), drop_last=True)
     loader_workers = int(rt["loader_workers"])
-    loader = DataLoader(task.dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+    loader = DataLoader(task.dataset, batch_size=batch_size, sampler=sampler, collate_fn=task.collate_fn,
                         num_workers=loader_workers, pin_memory=device.type == "cuda", drop_last=True,
                         prefetch_factor=2 if loader_workers else None, persistent_workers=False)
     steps_per_epoch = len(loader)
@@ -179,8 +195,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _check_finite(losses, epoch, step)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(losses["loss"]).backward()
+            average_gradients(extra, world)
             scaler.unscale_(optimizer)
-            grad_norm = clip_gradients(unwrap(model), float(tr["grad_clip"]))
+            grad_norm = clip_gradients([unwrap(model), extra], float(tr["grad_clip"]))
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()

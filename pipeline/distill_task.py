@@ -1,0 +1,232 @@
+"""Distillation training task for pipeline.train_loop: a student detector trained on its detection
+loss plus the UniDistill losses against a teacher's maps (spec §2, DESIGN §3.4-3.5).
+
+Teacher maps come from one of two sources:
+- cached: read per sample from a teacher-target cache in the DataLoader workers; the student's BEV
+  augmentation follows the cache's view policy (replay a stored view, canonical view only, or a
+  fresh augmentation with the cached maps warped to it);
+- online: the frozen teacher (eval mode, no gradients) runs on the same batch, as the original did.
+
+The adaptation layers live in the task's `extra` modules: trained, checkpointed, never exported.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from models.center_head import mean_over_workers
+from models.checkpoint import read_model_file
+from models.detector import BEVDetector, build_detector, load_detector
+from models.distill import UniDistillLoss, resolve_distill_config
+from pipeline.cache.reader import CacheReader
+from pipeline.cache.schema import CacheError, CacheMismatchError, channel_layout, differing_fields
+from pipeline.cache.warp import warp_teacher_maps
+from pipeline.classes import CLASS_NAMES
+from pipeline.collate import collate
+from pipeline.config import ConfigError
+from pipeline.dataset import DetectionDataset, view_rng
+from pipeline.grid import BEVGrid
+from pipeline.sample import Sample
+from pipeline.train_loop import TrainTask, unwrap
+
+MAPS = ("low", "high", "heatmap", "regression")
+VIEW_POLICIES = ("auto", "replay", "canonical", "warp")
+# Teacher input settings an online teacher must share with the student's data pipeline.
+SHARED_INPUTS = ("cameras", "lidar_sweeps", "image_size", "image_mean", "image_std")
+
+
+def resolve_view_policy(policy: str, views: int, student_augments: bool) -> str:
+    """The concrete policy for a cache of `views` views ('replay', 'canonical' or 'warp')."""
+    if policy not in VIEW_POLICIES:
+        raise ConfigError(f"distill.view_policy: {policy!r} is not one of {VIEW_POLICIES}")
+    if policy == "auto":
+        if views > 1:
+            return "replay"
+        return "warp" if student_augments else "canonical"
+    if policy == "replay" and views < 2:
+        raise ConfigError("distill.view_policy replay needs a cache with --views > 1 (this cache has 1 view); "
+                          "use warp or canonical")
+    return policy
+
+
+def student_expectation(student: BEVDetector) -> dict[str, Any]:
+    """The fingerprint fields a cache must share with this student."""
+    return {"grid": student.grid.to_dict(), "class_order": list(CLASS_NAMES),
+            "channels": channel_layout(student.low_channels, student.high_channels)}
+
+
+def check_cache_for_student(reader: CacheReader, student: BEVDetector, version: str, split: str,
+                            tokens: Sequence[str]) -> None:
+    """Refuse a cache that cannot teach this student on this split, naming what differs."""
+    reader.check_compatible(student_expectation(student))
+    ds = reader.fingerprint["dataset"]
+    if (ds["version"], ds["split"]) != (version, split):
+        raise CacheMismatchError(f"cache {reader.uri} holds {ds['version']} {ds['split']}, the student trains on "
+                                 f"{version} {split}", ["dataset.version", "dataset.split"])
+    missing = [t for t in tokens if t not in reader]
+    if missing:
+        raise CacheError(f"cache {reader.uri} lacks {len(missing)} of the split's {len(tokens)} samples "
+                         f"(e.g. {missing[:3]})")
+
+
+def teacher_widths(reader: CacheReader | None, teacher: BEVDetector | None) -> tuple[int, int]:
+    if reader is not None:
+        ch = reader.fingerprint["channels"]
+        return int(ch["low"]), int(ch["high"])
+    return teacher.low_channels, teacher.high_channels
+
+
+def distill_settings(cfg: Mapping[str, Any], teacher_modality: str, student: BEVDetector,
+                     widths: tuple[int, int]) -> dict[str, Any]:
+    """The complete `distill` config of a run: per-path defaults filled, channel widths known."""
+    section = {k: v for k, v in cfg["distill"].items() if k not in ("view_policy", "teacher_modality")}
+    return resolve_distill_config(section, teacher_modality, student.modality,
+                                  student_channels=(student.low_channels, student.high_channels),
+                                  teacher_channels=widths)
+
+
+def check_online_teacher(teacher_cfg: Mapping[str, Any], student_cfg: Mapping[str, Any], path: str) -> None:
+    """An online teacher sees the student's batches: its input settings and grid must be the student's."""
+    differ = differing_fields({"grid": teacher_cfg["grid"], "data": {k: teacher_cfg["data"][k] for k in SHARED_INPUTS}},
+                              {"grid": student_cfg["grid"], "data": {k: student_cfg["data"][k] for k in SHARED_INPUTS}})
+    if differ:
+        raise CacheMismatchError(f"teacher {path} was built for other inputs than the student's "
+                                 f"(differing: {', '.join(differ)})", differ)
+
+
+class DistillDataset(Dataset):
+    """Student training samples, each with its teacher maps when a cache is given (see module docstring)."""
+
+    def __init__(self, base: DetectionDataset, reader: CacheReader | None, policy: str) -> None:
+        self.base = base
+        self.reader = reader
+        self.policy = policy
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.base.set_epoch(epoch)
+
+    def __getitem__(self, item: int) -> Sample:
+        if self.reader is None:
+            return self.base.get(item)
+        token = self.base.row(item)["token"]
+        view = 0
+        if self.policy == "replay":
+            view = int(view_rng(self.base.seed, self.epoch, item, 2).integers(0, self.reader.views))
+            sample = self.base.get(item, bda=self.reader.bda(token, view))
+        elif self.policy == "canonical":
+            sample = self.base.get(item, bda=np.eye(4))
+        else:  # warp: the student's own fresh augmentation; the maps follow in the loss
+            sample = self.base.get(item)
+        maps = self.reader.read(token, view, MAPS)
+        sample["teacher"] = {k: maps[k] for k in MAPS}
+        return sample
+
+
+def collate_with_teacher(samples: list[Sample]) -> dict[str, Any]:
+    """`collate`, plus the samples' cached teacher maps stacked as float32 tensors [B, C, H, W]."""
+    teachers = [s.pop("teacher", None) for s in samples]
+    batch = collate(samples)
+    if teachers[0] is not None:
+        batch["teacher"] = {k: torch.from_numpy(np.stack([t[k] for t in teachers])) for k in MAPS}
+    return batch
+
+
+class DistillLosses:
+    """(student, extra, batch) -> detection losses + UniDistill losses, with 'loss' their total."""
+
+    def __init__(self, grid: BEVGrid, teacher: BEVDetector | None, warp: bool) -> None:
+        self.grid = grid
+        self.teacher = teacher
+        self.warp = warp
+
+    def __call__(self, model: nn.Module, extra: nn.ModuleDict, batch: dict) -> dict[str, torch.Tensor]:
+        out = model(batch)
+        det = unwrap(model).loss(batch, out, reduce_count=mean_over_workers)
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher = self.teacher(batch)
+        else:
+            teacher = batch["teacher"]
+            if self.warp:
+                teacher = warp_teacher_maps(teacher, batch["bda"], self.grid)
+        kd = extra["distill"](out, teacher, batch["gt_boxes"], batch["gt_mask"], reduce_count=mean_over_workers)
+        losses = {f"det_{k}" if k != "loss" else "det": v for k, v in det.items()}
+        losses.update(kd)
+        losses["loss"] = det["loss"] + kd["distill"]
+        return losses
+
+
+def distill_task(loop_config: Mapping[str, Any], device: torch.device) -> TrainTask:
+    """Train the config's detector as a UniDistill student (loop config keys: cache or teacher)."""
+    cfg = loop_config["cfg"]
+    student = build_detector(cfg, device)
+    reader = CacheReader(loop_config["cache"]) if loop_config.get("cache") else None
+    teacher = None
+    if reader is None:
+        teacher, _ = load_detector(loop_config["teacher"], device=device)
+        teacher.eval().requires_grad_(False)
+    needs_images = student.modality != "lidar" or (teacher is not None and teacher.modality != "lidar")
+    base = DetectionDataset(loop_config["dataroot"], loop_config["version"], loop_config["split"], cfg, train=True,
+                            seed=int(cfg["train"]["seed"]), cache_dir=loop_config.get("index_dir"),
+                            with_images=needs_images)
+    policy = loop_config["view_policy"]
+    dataset = DistillDataset(base, reader, policy)
+    losses = DistillLosses(student.grid, teacher, warp=reader is not None and policy == "warp")
+    extra = nn.ModuleDict({"distill": UniDistillLoss(student.grid, loop_config["distill"])})
+    return TrainTask(model=student, dataset=dataset, losses=losses, extra=extra, collate_fn=collate_with_teacher)
+
+
+def teacher_modality_of(cache: str | None, teacher: str | None) -> str:
+    """The teacher's modality, from the cache fingerprint or the teacher's model file."""
+    if cache:
+        return CacheReader(cache).fingerprint["teacher"]["modality"]
+    return read_model_file(teacher)["config"]["model"]["modality"]
+
+
+def student_augments(cfg: Mapping[str, Any]) -> bool:
+    """Whether the config's training BEV augmentation can differ from the identity."""
+    b = cfg["data"]["bda"]
+    return (any(float(v) != 0 for v in b["rot_lim"]) or any(float(v) != 1 for v in b["scale_lim"])
+            or any(float(v) != 0 for v in b["trans_std"]) or float(b["flip_x_prob"]) > 0
+            or float(b["flip_y_prob"]) > 0)
+
+
+def plan_student(cfg: Mapping[str, Any], version: str, split: str, tokens: Sequence[str], cache: str | None = None,
+                 teacher: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Check a student run's targets before anything starts; return (loop config keys, run identity).
+
+    Exactly one of `cache` (cached mode) and `teacher` (online mode) is given. A cache must be
+    complete and fit the student (grid, class order, channel layout, split); an online teacher is
+    loaded strictly and must share the student's input settings.
+    """
+    if bool(cache) == bool(teacher):
+        raise ValueError("give exactly one of --cache (cached teacher targets) and --teacher (online teacher)")
+    student = build_detector(cfg)
+    if cache:
+        reader = CacheReader(cache)
+        check_cache_for_student(reader, student, version, split, tokens)
+        modality, widths = reader.fingerprint["teacher"]["modality"], teacher_widths(reader, None)
+        policy = resolve_view_policy(cfg["distill"]["view_policy"], reader.views, student_augments(cfg))
+        identity = {"cache": str(cache), "cache_fingerprint": reader.fingerprint}
+    else:
+        model, teacher_cfg = load_detector(teacher)
+        check_online_teacher(teacher_cfg, cfg, teacher)
+        modality, widths, policy = model.modality, teacher_widths(None, model), "online"
+        identity = {"teacher": str(teacher), "teacher_config": teacher_cfg["model"]}
+    want = cfg["distill"].get("teacher_modality")
+    if want not in (None, modality):
+        raise ConfigError(f"config expects a {want} teacher (distill.teacher_modality) but the "
+                          f"{'cache' if cache else 'teacher'} holds a {modality} teacher; use the "
+                          f"{modality}_to_{student.modality} config")
+    settings = distill_settings(cfg, modality, student, widths)
+    loop = {"cache": cache, "teacher": teacher, "view_policy": policy, "distill": settings}
+    return loop, {"stage": "train_student", "teacher_modality": modality, "view_policy": policy, **identity}
