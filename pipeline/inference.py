@@ -1,8 +1,10 @@
 """Batch inference with Ray Data: a split's samples -> detections in nuScenes results form.
 
-    ray.data.range(N) --map_batches(Predictor, ActorPoolStrategy)--> rows {token, results_json}
+    batches of dataset positions --map_batches(Predictor, ActorPoolStrategy)--> rows {token, results_json}
 
-The work items are dataset positions; each actor holds the model (loaded once, eval mode, GPU when
+The work items are fixed batches of dataset positions, so a sample is always run in the same
+batch whatever Ray Data's block bundling does (batched convolutions round differently for
+different batch compositions; fixed batches make a repeated evaluation bit-identical). Each actor holds the model (loaded once, eval mode, GPU when
 it has one) and the split's Dataset, loads its batch's samples with a few threads (decoding
 releases the GIL), runs the detector and returns one compact row per sample: the sample token
 and its nuScenes sample_results as a JSON string. Only these small rows cross the object store.
@@ -48,7 +50,7 @@ class Predictor:
         self.pool = ThreadPoolExecutor(max_workers=max(1, load_threads))
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        items = [int(i) for i in batch["id"]]
+        items = [int(i) for group in batch["items"] for i in group]
         samples = list(self.pool.map(self.dataset.get, items))
         with torch.no_grad():
             dets = self.model.predict(to_device(collate(samples), self.device))
@@ -68,11 +70,12 @@ def predict_split(model_path: str | Path, dataroot: str | Path, version: str, sp
     """Run the model over every sample of the split with Ray Data; return {token: sample_results}."""
     import ray.data
 
-    ds = ray.data.range(num_samples, override_num_blocks=max(1, min(num_samples, 4 * actors)))
+    groups = [{"items": list(range(i, min(i + batch_size, num_samples)))} for i in range(0, num_samples, batch_size)]
+    ds = ray.data.from_items(groups, override_num_blocks=max(1, min(len(groups), 4 * actors)))
     preds = ds.map_batches(
         Predictor, fn_constructor_kwargs={"model_path": str(model_path), "dataroot": str(dataroot),
                                           "version": version, "split": split},
-        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+        batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, batch_format="numpy")
     results: dict[str, list[dict]] = {}
     for row in preds.iter_rows():
