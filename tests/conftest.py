@@ -84,3 +84,17 @@ def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("teacher") / "model.pt"
     save_detector(path, build_detector(cfg).eval(), cfg)
     return path
+
+
+@pytest.fixture(scope="session")
+def caches(ray_cluster, tiny_teacher, nusc_root, tmp_path_factory):
+    """Caches of `tiny_teacher` over generated mini_val (6 samples, shards of 2), built once per session:
+    dense with 1 and 2 views, foreground with 2 views. Tests that damage a cache work on a copy."""
+    from pipeline.cache.writer import build_cache
+
+    root = tmp_path_factory.mktemp("caches")
+    out = {}
+    for name, kw in (("dense1", {}), ("dense2", {"views": 2}), ("fg2", {"views": 2, "storage": "foreground"})):
+        out[name] = (root / name, build_cache(str(tiny_teacher), str(nusc_root), "v1.0-mini", "mini_val",
+                                              str(root / name), shard_samples=2, cpus_per_actor=0.5, **kw))
+    return out

@@ -45,17 +45,6 @@ def teacher_outputs(teacher: Path, root: Path, item: int, bda: np.ndarray) -> di
     return {k: v[0] for k, v in out.items()}, sample
 
 
-@pytest.fixture(scope="module")
-def caches(ray_cluster, tiny_teacher, nusc_root, tmp_path_factory):
-    """Caches built once for this module: dense with 1 and 2 views, foreground with 2 views.
-    Tests that damage a cache work on a copy."""
-    root = tmp_path_factory.mktemp("caches")
-    out = {}
-    for name, kw in (("dense1", {}), ("dense2", {"views": 2}), ("fg2", {"views": 2, "storage": "foreground"})):
-        out[name] = (root / name, build(tiny_teacher, nusc_root, root / name, **kw))
-    return out
-
-
 def copy_of(caches, name, tmp_path) -> Path:
     import shutil
 

@@ -1,0 +1,147 @@
+"""Student ablations that share one cache: Ray Tune trials, each a Ray Train run plus an evaluation
+(the body of stages/sweep_students.py).
+
+A grid file lists the variants as config overrides, explicitly, as a Cartesian grid, or both:
+
+    variants:                       # each: a name and --set style overrides
+      - {name: all_losses}
+      - {name: no_relation, set: {distill.relation.enabled: false}}
+      - {name: baseline, baseline: true}   # no distillation (detection loss only)
+    grid:                           # every combination, crossed with every variant
+      train.seed: [0, 1, 2]
+
+Every variant trains from the same cache (or, for baselines, without one), is evaluated on the
+validation split, and lands in one table (results.md and results.csv in the sweep folder).
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from pipeline.config import ConfigError, load_config
+
+RESULT_COLUMNS = ("variant", "kind", "overrides", "mAP", "NDS", "mATE", "mASE", "mAOE", "mAVE", "mAAE", "minutes")
+TP_KEYS = (("mATE", "trans_err"), ("mASE", "scale_err"), ("mAOE", "orient_err"), ("mAVE", "vel_err"),
+           ("mAAE", "attr_err"))
+
+
+def _fmt_value(v: Any) -> str:
+    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def read_grid(path: str | Path) -> list[dict[str, Any]]:
+    """Variants of a grid file: [{name, overrides: ['k=v', ...], baseline: bool}]."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"grid file {p} does not exist")
+    doc = yaml.safe_load(p.read_text()) or {}
+    unknown = set(doc) - {"variants", "grid"}
+    if unknown or not doc:
+        raise ConfigError(f"grid file {p}: expected keys 'variants' and/or 'grid', got {sorted(doc)}")
+    base = doc.get("variants") or [{"name": "default"}]
+    grid = doc.get("grid") or {}
+    if not isinstance(grid, Mapping) or any(not isinstance(v, list) or not v for v in grid.values()):
+        raise ConfigError(f"grid file {p}: 'grid' must map config keys to non-empty lists of values")
+    out = []
+    for var in base:
+        if not isinstance(var, Mapping) or "name" not in var:
+            raise ConfigError(f"grid file {p}: every variant needs a name, got {var!r}")
+        extra = set(var) - {"name", "set", "baseline"}
+        if extra:
+            raise ConfigError(f"grid file {p}: variant {var['name']!r} has unknown keys {sorted(extra)}")
+        own = [f"{k}={_fmt_value(v)}" for k, v in (var.get("set") or {}).items()]
+        for combo in itertools.product(*grid.values()) if grid else [()]:
+            crossed = [f"{k}={_fmt_value(v)}" for k, v in zip(grid, combo)]
+            suffix = "".join(f"_{k.rsplit('.', 1)[-1]}{_fmt_value(v)}" for k, v in zip(grid, combo))
+            out.append({"name": f"{var['name']}{suffix}", "overrides": own + crossed,
+                        "baseline": bool(var.get("baseline", False))})
+    names = [v["name"] for v in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"grid file {p}: variant names repeat: {names}")
+    return out
+
+
+def run_variant(variant: Mapping[str, Any], config: str, cache: str, dataroot: str, version: str, train_split: str,
+                eval_split: str, out_dir: str) -> dict[str, Any]:
+    """Train one variant (student from the cache, or a baseline) and evaluate it; return its table row."""
+    from pipeline.distill_task import distill_task, plan_student
+    from pipeline.evaluator import evaluate_model
+    from pipeline.index import load_index
+    from pipeline.train_tasks import detection_task
+    from pipeline.trainer import fit
+
+    start = time.time()
+    cfg = load_config(config, variant["overrides"])
+    run = str(Path(out_dir) / variant["name"])
+    if variant["baseline"]:
+        model = fit(cfg, dataroot, version, train_split, run, detection_task, identity={"stage": "sweep_baseline"})
+    else:
+        tokens = [r["token"] for r in load_index(dataroot, version, train_split)]
+        loop, identity = plan_student(cfg, version, train_split, tokens, cache=cache)
+        model = fit(cfg, dataroot, version, train_split, run, distill_task, identity=identity,
+                    extra_loop_config=loop)
+    summary = evaluate_model(model, dataroot, version, eval_split, Path(run) / "eval", render=False)
+    row = {"variant": variant["name"], "kind": "baseline" if variant["baseline"] else "distilled",
+           "overrides": " ".join(variant["overrides"]), "mAP": summary["mean_ap"], "NDS": summary["nd_score"],
+           "minutes": (time.time() - start) / 60.0}
+    row.update({short: summary["tp_errors"][key] for short, key in TP_KEYS})
+    return row
+
+
+def _trial(config: dict[str, Any]) -> None:
+    """Ray Tune function trainable: one variant."""
+    from ray import tune
+
+    tune.report(run_variant(**config))
+
+
+def run_sweep(variants: Sequence[Mapping[str, Any]], config: str, cache: str, dataroot: str, version: str,
+              train_split: str, eval_split: str, out_dir: str, concurrent: int, address: str | None = None) -> list[dict]:
+    """All variants as Ray Tune trials (at most `concurrent` at once); returns the table rows."""
+    from ray import tune
+
+    from pipeline.ray_env import ray_session
+
+    out = Path(out_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    common = {"config": config, "cache": cache, "dataroot": str(Path(dataroot).resolve()), "version": version,
+              "train_split": train_split, "eval_split": eval_split, "out_dir": str(out)}
+    with ray_session(address):
+        tuner = tune.Tuner(
+            tune.with_resources(_trial, {"cpu": 0.01}),
+            param_space={**common, "variant": tune.grid_search(list(variants))},
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
+            run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=1),
+        )
+        grid = tuner.fit()
+    rows, failed = [], []
+    for result in grid:
+        if result.error is not None:
+            failed.append(f"{result.config['variant']['name']}: {result.error}")
+        else:
+            rows.append({k: result.metrics[k] for k in RESULT_COLUMNS})
+    rows.sort(key=lambda r: [v["name"] for v in variants].index(r["variant"]))
+    write_tables(out, rows)
+    if failed:
+        raise RuntimeError("some variants failed:\n" + "\n".join(failed))
+    return rows
+
+
+def write_tables(out: Path, rows: Sequence[Mapping[str, Any]]) -> tuple[Path, Path]:
+    """results.csv and results.md of a sweep."""
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    lines = ["| " + " | ".join(RESULT_COLUMNS) + " |", "|" + "---|" * len(RESULT_COLUMNS)]
+    for r in rows:
+        cells = [f"{r[c]:.4f}" if isinstance(r[c], float) and c != "minutes" else
+                 (f"{r[c]:.1f}" if c == "minutes" else str(r[c]) or "-") for c in RESULT_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    return out / "results.csv", out / "results.md"
