@@ -6,11 +6,12 @@
 #       same machine (to rehearse multi-node runs); prints the status and the dashboard URL.
 #   cluster/local_cluster.sh add-worker [--worker-cpus M]   one more worker node
 #   cluster/local_cluster.sh status
-#   cluster/local_cluster.sh stop
+#   cluster/local_cluster.sh stop        stops this cluster's processes only (other Ray clusters on
+#                                        the machine, e.g. another checkout's tests, keep running)
 #
 # Stages find the running cluster by themselves; jobs go to it with
 #   ray job submit --address http://127.0.0.1:8265 --working-dir . -- python stages/X.py ...
-# Ports: RAY_PORT (GCS, default 6379), RAY_DASHBOARD_PORT (default 8265).
+# Ports: RAY_PORT (GCS, default 6379), RAY_DASHBOARD_PORT (default 8265), RAY_CLIENT_PORT (RAY_PORT + 1).
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -18,6 +19,8 @@ here="$(cd "$(dirname "$0")/.." && pwd)"
 if [ -x "$here/.venv/bin/ray" ]; then
     export PATH="$here/.venv/bin:$PATH"
 fi
+# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes Ray treat this as a single-machine install (loopback
+# addresses everywhere); extra worker nodes join through cluster/join_local_node.py.
 export RAY_USAGE_STATS_ENABLED=0 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_NODE_IP_ADDRESS=127.0.0.1
 # Reachable from this machine only: no auth token (Ray's CLI and `ray start` disagree on the default).
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
@@ -26,13 +29,44 @@ ip=127.0.0.1
 port="${RAY_PORT:-6379}"
 dash="${RAY_DASHBOARD_PORT:-8265}"
 object_store=$((1024 * 1024 * 1024))
+# One temp dir per cluster, so `stop` can find exactly this cluster's processes.
+tmp="${RAY_LOCAL_TMPDIR:-/tmp/ray_local_$port}"
 
 usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 
-add_worker() {
+add_worker() {  # through join_local_node.py: plain `ray start --address` would leave loopback
     local cpus="$1"
-    ray start --address "$ip:$port" --node-ip-address "$ip" --num-cpus "$cpus" \
+    python "$here/cluster/join_local_node.py" --address "$ip:$port" --node-ip-address "$ip" --num-cpus "$cpus" \
         --object-store-memory "$object_store" --disable-usage-stats >/dev/null
+}
+
+cluster_pids() {  # this cluster's processes (naming its session or address) and their descendants
+    local session frontier all next p
+    session="$(basename "$(readlink -f "$tmp/session_latest" 2>/dev/null)" 2>/dev/null)" || true
+    case "$session" in session_*) ;; *) session="" ;; esac
+    frontier="$( { [ -z "$session" ] || pgrep -f -- "$session"; pgrep -f -- "$ip:$port( |$)"; } | sort -u || true)"
+    all="$frontier"
+    while [ -n "$frontier" ]; do
+        next=""
+        for p in $frontier; do next="$next $(pgrep -P "$p" || true)"; done
+        frontier="$(echo $next)"
+        all="$all $frontier"
+    done
+    for p in $all; do [ "$p" = "$$" ] || echo "$p"; done | sort -u
+}
+
+stop_cluster() {
+    local pids
+    pids="$(cluster_pids)"
+    [ -n "$pids" ] || { echo "no cluster running at $ip:$port"; return 0; }
+    kill -TERM $pids 2>/dev/null || true
+    for _ in $(seq 1 20); do
+        pids="$(for p in $pids; do kill -0 "$p" 2>/dev/null && echo "$p"; done)"
+        [ -n "$pids" ] || break
+        sleep 0.5
+    done
+    [ -z "$pids" ] || kill -KILL $pids 2>/dev/null || true
+    echo "stopped the Ray cluster at $ip:$port"
 }
 
 status() {
@@ -62,7 +96,8 @@ done
 case "$cmd" in
     start)
         args=(--head --node-ip-address "$ip" --port "$port" --dashboard-host "$ip" --dashboard-port "$dash"
-              --object-store-memory "$object_store" --disable-usage-stats)
+              --object-store-memory "$object_store" --disable-usage-stats --temp-dir "$tmp"
+              --ray-client-server-port "${RAY_CLIENT_PORT:-$((port + 1))}")
         [ -n "$cpus" ] && args+=(--num-cpus "$cpus")
         ray start "${args[@]}" >/dev/null
         for _ in $(seq 1 "$workers"); do add_worker "$worker_cpus"; done
@@ -70,6 +105,6 @@ case "$cmd" in
         ;;
     add-worker) add_worker "$worker_cpus"; status ;;
     status) status ;;
-    stop) ray stop --force >/dev/null 2>&1 || true; echo "ray stopped" ;;
+    stop) stop_cluster ;;
     *) usage ;;
 esac
