@@ -128,7 +128,9 @@ def _conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
 
 class SepHead(nn.Module):
     """One task's branches: for each of reg 2, height 1, dim 3, rot 2, vel 2, iou 1 and hm n_cls,
-    Conv3x3 + BN + ReLU then Conv3x3 to the branch's channels.
+    Conv3x3 + BN + ReLU then Conv3x3 to the branch's channels. Regression convs are Kaiming-normal
+    (fan_out, relu) with zero bias; the heat-map convs keep PyTorch's default init, its output bias
+    is hm_bias (as the original's SepHead).
 
     Args:
         c_in: input channels (the shared conv's output).
@@ -146,13 +148,17 @@ class SepHead(nn.Module):
                                                            nn.Conv2d(c_head, n, 3, padding=1))
                                        for name, n in outs.items()})
         for name, branch in self.branches.items():
+            if name == "hm":
+                # The heat-map branch keeps PyTorch's default conv init (small outputs), so that its
+                # bias sets the initial probabilities to ~sigmoid(hm_bias); Kaiming-normal weights
+                # here would give logits of std ~4 around it (spec §3.6: only the other branches).
+                nn.init.constant_(branch[-1].bias, hm_bias)
+                continue
             for m in branch.modules():
                 if isinstance(m, nn.Conv2d):
                     nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                     if m.bias is not None:
                         nn.init.zeros_(m.bias)
-            if name == "hm":
-                nn.init.constant_(branch[-1].bias, hm_bias)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         reg = torch.cat([self.branches[name](x) for name, _ in REGRESSION_CHANNELS], dim=1)  # [B, 11, H, W]
