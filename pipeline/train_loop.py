@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from pipeline import storage
 from pipeline.collate import collate
 from pipeline.optim import build_optimizer, build_scheduler, clip_gradients, scaled_lr
+from pipeline.precise_bn import recompute_bn_stats
 from pipeline.run_log import METRICS_FILE, TENSORBOARD_DIR, MetricsLog
 
 CHECKPOINT_STATE = "state.pt"
@@ -225,6 +226,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if config.get("log_url"):
                 storage.upload(Path(log_dir) / METRICS_FILE, storage.join(config["log_url"], METRICS_FILE))
                 storage.upload(Path(log_dir) / TENSORBOARD_DIR, storage.join(config["log_url"], TENSORBOARD_DIR))
+        if epoch + 1 == epochs and int(tr["precise_bn_batches"]) > 0:
+            used = recompute_bn_stats(unwrap(model), (to_device(b, device) for b in loader),
+                                      lambda m, b: m(b), int(tr["precise_bn_batches"]))
+            if log is not None:
+                print(f"[train] BatchNorm statistics re-estimated over {used} batches of the final weights",
+                      flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
