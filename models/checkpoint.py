@@ -7,6 +7,7 @@ the missing, unexpected and mis-shaped keys and refuses.
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -41,12 +42,16 @@ def save_state_dict(path: str | Path, state_dict: Mapping[str, torch.Tensor], cf
 
 
 def read_model_file(path: str | Path) -> dict[str, Any]:
-    """The payload of a model file written by save_model, with clear errors otherwise."""
-    p = Path(path)
-    if not p.is_file():
+    """The payload of a model file written by save_model (a local path or a URL such as s3://...),
+    with clear errors otherwise."""
+    from pipeline import storage
+
+    p = str(path)
+    if not storage.exists(p) or (not storage.is_url(p) and not Path(p).is_file()):
         raise CheckpointError(f"model file {p}: not found")
     try:
-        payload = torch.load(p, map_location="cpu", weights_only=False)
+        data = io.BytesIO(storage.read_bytes(p))
+        payload = torch.load(data, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt files
         raise CheckpointError(f"model file {p}: cannot be read as a torch file ({e})") from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -74,10 +79,8 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
     model.load_state_dict(state_dict, strict=True)
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file (teacher identity in cache fingerprints)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, local or at a URL (teacher identity in cache fingerprints)."""
+    from pipeline import storage
+
+    return hashlib.sha256(storage.read_bytes(path)).hexdigest()

@@ -20,7 +20,8 @@ except ImportError:
     from stages._cli import add_ray_args, apply_ray_address, run_main
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The stage's command line (also checked against the cluster manifests by the tests)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", required=True, help="cache location: a local path or a URL (s3://bucket/caches/x)")
     ap.add_argument("--teacher", help="teacher model file (RUN_DIR/model.pt)")
@@ -46,6 +47,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--view", type=int, default=0, help="view to render")
     ap.add_argument("--out", default="cache_render.png", help="PNG path for --render")
     add_ray_args(ap)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = build_parser()
     args = ap.parse_args(argv)
     apply_ray_address(args.address)
 

@@ -16,7 +16,8 @@ except ImportError:
     from stages._cli import add_data_args, add_ray_args, apply_ray_address, run_main
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The stage's command line (also checked against the cluster manifests by the tests)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="model file exported by a training stage (RUN_DIR/model.pt)")
     add_data_args(ap, "split to evaluate (default: the version's validation split, or test)")
@@ -29,6 +30,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gpu", action="store_true", help="one GPU per inference actor")
     ap.add_argument("--no-render", action="store_true", help="skip PR curves and BEV pictures")
     add_ray_args(ap)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = build_parser()
     args = ap.parse_args(argv)
     apply_ray_address(args.address)
 

@@ -18,7 +18,8 @@ except ImportError:
     from stages._cli import add_config_args, add_data_args, add_ray_args, apply_ray_address, run_main
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The stage's command line (also checked against the cluster manifests by the tests)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(ap)  # the student preset every variant starts from; --set applies to all variants
     ap.add_argument("--cache", required=True, help="teacher-target cache every distilled variant reads")
@@ -28,6 +29,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--output", required=True, help="sweep folder: one run folder per variant and the tables")
     ap.add_argument("--concurrent", type=int, default=2, help="trials running at once")
     add_ray_args(ap)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = build_parser()
     args = ap.parse_args(argv)
     apply_ray_address(args.address)
 

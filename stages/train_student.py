@@ -19,7 +19,8 @@ except ImportError:
     from stages._cli import add_config_args, add_data_args, add_ray_args, apply_ray_address, run_main
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The stage's command line (also checked against the cluster manifests by the tests)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(ap)
     source = ap.add_mutually_exclusive_group(required=True)
@@ -28,6 +29,11 @@ def main(argv: list[str] | None = None) -> None:
     add_data_args(ap, "training split (default: the version's train split)")
     ap.add_argument("--output", required=True, help="run folder (local path or URL)")
     add_ray_args(ap)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = build_parser()
     args = ap.parse_args(argv)
     apply_ray_address(args.address)
 

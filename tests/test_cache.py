@@ -269,3 +269,11 @@ def test_s3_url_round_trip(s3_server, caches, tiny_teacher, nusc_root):
     assert build(tiny_teacher, nusc_root, f"{s3_server}/unidistill/cache").shards_written == 0
     info = inspect.describe(f"{s3_server}/unidistill/cache")
     assert info["complete"] and json.dumps(info["fingerprint"])
+    # Model files on the object store too: the teacher read from s3:// is the same teacher.
+    from models.checkpoint import file_sha256, read_model_file
+
+    fs, root = store.filesystem(f"{s3_server}/runs/teacher")
+    fs.put_file(str(tiny_teacher), f"{root}/model.pt")
+    remote_teacher = f"{s3_server}/runs/teacher/model.pt"
+    assert file_sha256(remote_teacher) == file_sha256(tiny_teacher)
+    assert read_model_file(remote_teacher)["config"] == read_model_file(tiny_teacher)["config"]

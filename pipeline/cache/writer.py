@@ -13,6 +13,7 @@ same shard with the same bytes. Markers make the job resumable: a re-run skips d
 """
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import pickle
@@ -40,6 +41,7 @@ from pipeline.index import load_index
 from pipeline.inference import eval_dataset
 from pipeline.ray_env import ray_session
 from pipeline.sample import Sample
+from pipeline.storage import is_url
 from pipeline.train_loop import to_device
 
 def default_tile(grid: BEVGrid) -> int:
@@ -166,12 +168,13 @@ class TeacherRunner:
             samples = pickle.loads(payload)
             maps, bda = self.run_views(samples)
             payloads.append(pickle.dumps({"maps": maps, "bda": bda, "tokens": [s["token"] for s in samples],
-                                          "teacher_pid": os.getpid()}, protocol=pickle.HIGHEST_PROTOCOL))
+                                          "teacher": {"pid": os.getpid(), "node": _node_id()}},
+                                         protocol=pickle.HIGHEST_PROTOCOL))
         return {"shard": np.asarray(batch["shard"]), "payload": np.asarray(payloads, dtype=object)}
 
 
 def write_one_shard(job: CacheJob, shard: int, maps: Mapping[str, np.ndarray], bda: np.ndarray,
-                    tokens: list[str], teacher_pid: int | None = None) -> dict[str, Any]:
+                    tokens: list[str], teacher: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Store one whole shard, then record it as durable. Returns its marker record."""
     layout = job.cache_layout
     rows = layout.shard_rows(shard)
@@ -186,7 +189,8 @@ def write_one_shard(job: CacheJob, shard: int, maps: Mapping[str, np.ndarray], b
         group[name][rows.start:rows.stop] = arr
     record = {"shard": shard, "samples": samples, "tokens": list(tokens), "rows": [rows.start, rows.stop],
               "checksums": store.shard_checksums(job.uri, shard), "bytes": store.shard_bytes(job.uri, shard),
-              "node": _node_id(), "host": socket.gethostname(), "pid": os.getpid(), "teacher_pid": teacher_pid,
+              "node": _node_id(), "host": socket.gethostname(), "pid": os.getpid(),
+              "teacher_pid": (teacher or {}).get("pid"), "teacher_node": (teacher or {}).get("node"),
               "time": time.time()}
     store.write_marker(job.uri, shard, record)
     return record
@@ -206,7 +210,7 @@ def write_shards(batch: Mapping[str, np.ndarray], job: CacheJob) -> dict[str, np
     out: dict[str, list] = {"shard": [], "bytes": [], "node": []}
     for shard, payload in zip(batch["shard"], batch["payload"]):
         data = pickle.loads(payload)
-        rec = write_one_shard(job, int(shard), data["maps"], data["bda"], data["tokens"], data.get("teacher_pid"))
+        rec = write_one_shard(job, int(shard), data["maps"], data["bda"], data["tokens"], data.get("teacher"))
         out["shard"].append(rec["shard"])
         out["bytes"].append(rec["bytes"])
         out["node"].append(rec["node"])
@@ -262,7 +266,8 @@ def plan_cache(teacher_path: str, dataroot: str, version: str, split: str, uri: 
                          channels=map_channels(channel_layout(model.low_channels, model.high_channels)))
     fingerprint = cache_fingerprint(teacher_path, cfg, model.low_channels, model.high_channels, version, split,
                                     tokens, layout, storage, dtype, view_seed)
-    job = CacheJob(uri=str(uri), teacher_path=str(Path(teacher_path).resolve()),
+    teacher_path = teacher_path if is_url(teacher_path) else str(Path(teacher_path).resolve())
+    job = CacheJob(uri=str(uri), teacher_path=teacher_path,
                    dataroot=str(Path(dataroot).resolve()), version=version, split=split, layout=layout.to_dict(),
                    storage=storage, dtype=dtype, view_seed=view_seed, tokens=tuple(tokens))
     return job, fingerprint
@@ -320,6 +325,20 @@ def finalize(job: CacheJob) -> tuple[int, list[str]]:
     return sum(int(m["bytes"]) for m in markers.values()), sorted({m["node"] for m in markers.values()})
 
 
+def storage_error(job: CacheJob, error: BaseException) -> CacheError | None:
+    """A clear CacheError for a job that failed on storage (full, read-only, missing), else None."""
+    seen, cause = set(), error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+            done = len(store.read_markers(job.uri))
+            return CacheError(f"cache {job.uri}: writing failed ({os.strerror(cause.errno)}) with {done} of "
+                              f"{job.cache_layout.num_shards} shards complete; the complete shards are intact "
+                              f"(--verify checks them): fix the storage and re-run the same command to finish")
+        cause = cause.__cause__ or cause.__context__ or getattr(cause, "cause", None)
+    return None
+
+
 def build_cache(teacher_path: str, dataroot: str, version: str, split: str, uri: str, views: int = 1,
                 storage: str = "dense", dtype: str = "float16", shard_samples: int = 8, tile: int | None = None,
                 compressor_name: str = "blosc-zstd", overwrite: bool = False, actors: int = 1,
@@ -330,7 +349,10 @@ def build_cache(teacher_path: str, dataroot: str, version: str, split: str, uri:
     job, fingerprint = plan_cache(teacher_path, dataroot, version, split, uri, views, storage, dtype,
                                   shard_samples, tile, view_seed)
     job = CacheJob(**{**asdict(job), "teacher_batch": int(teacher_batch)})
-    done = prepare_store(job, fingerprint, compressor_name, overwrite)
+    try:
+        done = prepare_store(job, fingerprint, compressor_name, overwrite)
+    except OSError as e:
+        raise CacheError(f"cache {uri}: cannot be created or opened for writing ({e})") from e
     layout = job.cache_layout
     todo = [s for s in range(layout.num_shards) if s not in done]
     if done:
@@ -339,8 +361,14 @@ def build_cache(teacher_path: str, dataroot: str, version: str, split: str, uri:
         print(f"[cache] writing {len(todo)} shards of {layout.shard_samples} samples x {layout.views} views "
               f"({storage}, {dtype}) to {uri}", flush=True)
         with ray_session(address):
-            run_pipeline(job, todo, actors=actors, gpus_per_actor=1.0 if use_gpu else 0.0,
-                         cpus_per_actor=cpus_per_actor)
+            try:
+                run_pipeline(job, todo, actors=actors, gpus_per_actor=1.0 if use_gpu else 0.0,
+                             cpus_per_actor=cpus_per_actor)
+            except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; name the storage ones
+                clear = storage_error(job, e)
+                if clear is None:
+                    raise
+                raise clear from e
     total_bytes, nodes = finalize(job)
     summary = CacheSummary(uri=str(uri), samples=layout.num_samples, views=layout.views, shards=layout.num_shards,
                            shards_written=len(todo), shards_skipped=len(done), bytes=total_bytes,

@@ -1,0 +1,168 @@
+"""Scale-out and faults, rehearsed on a local two-node Ray cluster (both nodes on 127.0.0.1):
+caching spread over nodes, a node killed mid-job, a training worker killed mid-run, full or
+unwritable storage."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.cache import inspect, store
+from pipeline.cache.reader import CacheReader
+from pipeline.cache.schema import CacheError
+from pipeline.cache.writer import build_cache
+
+from tests.conftest import REPO, free_port
+
+VERSION, SPLIT = "v1.0-mini", "mini_val"
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """A head node and one worker node, 2 CPUs each, started and stopped with cluster/local_cluster.sh."""
+    port, dash = free_port(), free_port()
+    env = dict(os.environ, RAY_PORT=str(port), RAY_DASHBOARD_PORT=str(dash), RAY_CLIENT_PORT=str(free_port()),
+               PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    env.pop("RAY_ADDRESS", None)
+    script = str(REPO / "cluster" / "local_cluster.sh")
+    started = subprocess.run([script, "start", "--cpus", "2", "--workers", "1", "--worker-cpus", "2"], env=env,
+                             capture_output=True, text=True, timeout=240)
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        subprocess.run([script, "stop"], env=env, capture_output=True, timeout=120)
+
+
+def node_ids(address: str) -> dict[str, int]:
+    """{node id: raylet pid} of the live nodes of a cluster."""
+    code = ("import json, ray; ray.init(address='%s', log_to_driver=False); "
+            "print(json.dumps({n['NodeID']: n['NodeManagerPort'] for n in ray.nodes() if n['Alive']}))" % address)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    import json
+
+    ports = json.loads(out.stdout.strip().splitlines()[-1])
+    pids = {}
+    for node, manager_port in ports.items():
+        found = subprocess.run(["pgrep", "-f", f"raylet.*--node_manager_port={manager_port}( |$)"],
+                               capture_output=True, text=True).stdout.split()
+        pids[node] = int(found[0]) if found else -1
+    return pids
+
+
+@pytest.mark.slow
+def test_caching_spreads_over_two_nodes_and_matches_a_single_node_cache(two_nodes, caches, tiny_teacher, nusc_root,
+                                                                        tmp_path):
+    uri = tmp_path / "cache"
+    # 1.5 CPUs per teacher actor: two actors cannot share a 2-CPU node, so each node runs one.
+    summary = build_cache(str(tiny_teacher), str(nusc_root), VERSION, SPLIT, str(uri), shard_samples=2, actors=2,
+                          cpus_per_actor=1.5, address=two_nodes["address"])
+    markers = store.read_markers(str(uri))
+    assert len({m["teacher_node"] for m in markers.values()}) == 2, "teacher actors ran on both nodes"
+    assert len(summary.nodes) >= 1
+    single = store.read_markers(str(caches["dense1"][0]))
+    for shard, rec in markers.items():  # same bytes as the single-node cache, shard by shard
+        assert rec["checksums"] == single[shard]["checksums"], shard
+    assert CacheReader(str(uri)).fingerprint == CacheReader(str(caches["dense1"][0])).fingerprint
+
+
+@pytest.mark.slow
+def test_a_node_killed_mid_job_and_the_job_completes(two_nodes, tiny_teacher, nusc_root, tmp_path):
+    uri = tmp_path / "cache"
+    args = [sys.executable, "stages/cache_teacher.py", "--teacher", str(tiny_teacher), "--dataroot", str(nusc_root),
+            "--split", SPLIT, "--cache", str(uri), "--shard-samples", "1", "--views", "3", "--teacher-batch", "1",
+            "--actors", "2", "--cpus-per-actor", "1.5", "--address", two_nodes["address"]]
+    before_nodes = node_ids(two_nodes["address"])
+    proc = subprocess.Popen(args, cwd=REPO, env=two_nodes["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (uri / "zarr.json").exists() and store.read_markers(str(uri)):
+            break
+        time.sleep(0.2)
+    head = min(before_nodes.values())  # the head's raylet started first
+    victim = next(pid for pid in before_nodes.values() if pid != head)
+    os.kill(victim, signal.SIGKILL)  # the worker node dies with its teacher actor and tasks
+    first_out, _ = proc.communicate(timeout=600)
+    done_first = store.read_markers(str(uri))
+    assert done_first, first_out[-3000:]
+    if proc.returncode != 0:  # Ray did not recover the job by itself: the re-submitted one completes it
+        again = subprocess.run([a for a in args if a not in ("--actors", "2")] + ["--actors", "1"], cwd=REPO,
+                               env=two_nodes["env"], capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+        assert f"{len(done_first)} of 6 shards are already complete" in again.stdout + again.stderr
+        after = store.read_markers(str(uri))
+        for shard, rec in done_first.items():
+            assert after[shard]["time"] == rec["time"], "finished shards are not rewritten"
+    report = inspect.verify(str(uri))
+    assert report["ok"] == list(range(6)) and not report["bad"] and not report["missing"]
+
+
+@pytest.mark.slow
+def test_a_training_worker_killed_mid_run_resumes_from_its_checkpoint(two_nodes, caches, nusc_root, tmp_path):
+    run = tmp_path / "student"
+    epochs = 10
+    args = [sys.executable, "stages/train_student.py", "--config", "tiny_lidar_to_camera", "--cache",
+            str(caches["dense2"][0]), "--dataroot", str(nusc_root), "--split", SPLIT, "--output", str(run),
+            "--set", f"train.epochs={epochs}", "--set", "train.batch_size=2", "--set", "runtime.loader_workers=0",
+            "--set", "runtime.max_failures=2", "--address", two_nodes["address"]]
+    proc = subprocess.Popen(args, cwd=REPO, env=two_nodes["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run / "epoch_0001").is_dir():
+        time.sleep(0.1)
+    workers = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True).stdout.split()
+    assert workers, "a training worker is running"
+    for pid in workers:
+        os.kill(int(pid), signal.SIGKILL)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-4000:]
+    assert "resuming from epoch" in out, "the restarted worker group continued from the last checkpoint"
+    from pipeline.run_log import read_metrics
+
+    steps = [r["step"] for r in read_metrics(run / "metrics.jsonl")]
+    assert steps == list(range(1, epochs * 3 + 1)), "no step lost or repeated in the log"
+    import torch
+
+    assert torch.load(run / "model.pt", weights_only=False)["extra"]["epoch"] == epochs
+
+
+def test_an_unwritable_cache_location_is_a_clear_error(tiny_teacher, nusc_root, tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the cache folder should go")
+    with pytest.raises(CacheError, match="cannot be created or opened for writing"):
+        build_cache(str(tiny_teacher), str(nusc_root), VERSION, SPLIT, str(blocker / "cache"))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB tmpfs (root only; the test is skipped where mounting is not allowed)."""
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill up here ({done.stderr.strip()}); needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_a_clear_error_and_finished_shards_stay_intact(small_disk, ray_cluster, tiny_teacher, nusc_root):
+    uri = small_disk / "cache"
+    with pytest.raises(CacheError, match=r"No space left on device\) with \d+ of 6 shards complete"):
+        build_cache(str(tiny_teacher), str(nusc_root), VERSION, SPLIT, str(uri), shard_samples=1, views=2,
+                    cpus_per_actor=0.5)
+    report = inspect.verify(str(uri))
+    assert report["ok"] and not report["bad"], report
+    assert report["missing"], "the job stopped part-way"
