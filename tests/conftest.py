@@ -40,6 +40,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def committed_checkpoints(run: Path) -> list[str]:
+    """Checkpoint folders Ray Train has committed for a run (from its checkpoint-manager snapshot)."""
+    import json
+
+    try:
+        snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, ValueError):  # not written yet, or being written
+        return []
+    return sorted(c["checkpoint_dir_name"] for c in snapshot.get("checkpoint_results", []))
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A Ray cluster on 127.0.0.1 for the whole test session, started and stopped with the project's

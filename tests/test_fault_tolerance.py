@@ -4,6 +4,7 @@ unwritable storage."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pipeline.cache.reader import CacheReader
 from pipeline.cache.schema import CacheError
 from pipeline.cache.writer import build_cache
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, committed_checkpoints, free_port
 
 VERSION, SPLIT = "v1.0-mini", "mini_val"
 
@@ -43,20 +44,38 @@ def two_nodes():
         subprocess.run([script, "stop"], env=env, capture_output=True, timeout=120)
 
 
-def node_ids(address: str) -> dict[str, int]:
-    """{node id: raylet pid} of the live nodes of a cluster."""
-    code = ("import json, ray; ray.init(address='%s', log_to_driver=False); "
-            "print(json.dumps({n['NodeID']: n['NodeManagerPort'] for n in ray.nodes() if n['Alive']}))" % address)
+def raylet_pids(address: str) -> list[int]:
+    """Raylet pids of the live nodes of a cluster, oldest (the head's) first."""
+    # `import pipeline` first: it keeps Ray on loopback (a bare ray.init would rewrite 127.0.0.1).
+    code = ("import json, pipeline, ray; ray.init(address='%s', log_to_driver=False); "
+            "print(json.dumps([n['RayletSocketName'] for n in ray.nodes() if n['Alive']]))" % address)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     import json
 
-    ports = json.loads(out.stdout.strip().splitlines()[-1])
-    pids = {}
-    for node, manager_port in ports.items():
-        found = subprocess.run(["pgrep", "-f", f"raylet.*--node_manager_port={manager_port}( |$)"],
+    sockets = json.loads(out.stdout.strip().splitlines()[-1])
+    pids = []
+    for sock in sockets:
+        found = subprocess.run(["pgrep", "-f", f"raylet --raylet_socket_name={sock}( |$)"],
                                capture_output=True, text=True).stdout.split()
-        pids[node] = int(found[0]) if found else -1
-    return pids
+        assert found, f"no raylet process for {sock}"
+        pids.append(int(found[0]))
+    return sorted(pids)
+
+
+def train_worker_pids(address: str) -> list[int]:
+    """Pids of the live Ray Train workers of a cluster, from Ray's state API."""
+    code = ("import json, pipeline, ray; from ray.util.state import list_actors; "
+            "ray.init(address='%s', log_to_driver=False); "
+            "print(json.dumps([a.pid for a in list_actors(filters=[('class_name', '=', 'RayTrainWorker'), "
+            "('state', '=', 'ALIVE')])]))" % address)
+    # RAY_ADDRESS too: the state API finds its cluster there, not through ray.init (and the test session's own
+    # cluster is in this process's RAY_ADDRESS).
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
+                         env=dict(os.environ, RAY_ADDRESS=address))
+    assert out.returncode == 0, out.stderr[-2000:]
+    import json
+
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
@@ -81,18 +100,18 @@ def test_a_node_killed_mid_job_and_the_job_completes(two_nodes, tiny_teacher, nu
     args = [sys.executable, "stages/cache_teacher.py", "--teacher", str(tiny_teacher), "--dataroot", str(nusc_root),
             "--split", SPLIT, "--cache", str(uri), "--shard-samples", "1", "--views", "3", "--teacher-batch", "1",
             "--actors", "2", "--cpus-per-actor", "1.5", "--address", two_nodes["address"]]
-    before_nodes = node_ids(two_nodes["address"])
-    proc = subprocess.Popen(args, cwd=REPO, env=two_nodes["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    raylets = raylet_pids(two_nodes["address"])
+    assert len(raylets) == 2
+    log = tmp_path / "cache.log"  # a file, not a pipe: nobody reads a pipe while the test polls
+    proc = subprocess.Popen(args, cwd=REPO, env=two_nodes["env"], stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if (uri / "zarr.json").exists() and store.read_markers(str(uri)):
             break
         time.sleep(0.2)
-    head = min(before_nodes.values())  # the head's raylet started first
-    victim = next(pid for pid in before_nodes.values() if pid != head)
-    os.kill(victim, signal.SIGKILL)  # the worker node dies with its teacher actor and tasks
-    first_out, _ = proc.communicate(timeout=600)
+    os.kill(raylets[-1], signal.SIGKILL)  # the worker node dies with its teacher actor and tasks
+    proc.wait(timeout=600)
+    first_out = log.read_text()
     done_first = store.read_markers(str(uri))
     assert done_first, first_out[-3000:]
     if proc.returncode != 0:  # Ray did not recover the job by itself: the re-submitted one completes it
@@ -110,23 +129,30 @@ def test_a_node_killed_mid_job_and_the_job_completes(two_nodes, tiny_teacher, nu
 @pytest.mark.slow
 def test_a_training_worker_killed_mid_run_resumes_from_its_checkpoint(two_nodes, caches, nusc_root, tmp_path):
     run = tmp_path / "student"
-    epochs = 10
+    epochs = 20
     args = [sys.executable, "stages/train_student.py", "--config", "tiny_lidar_to_camera", "--cache",
             str(caches["dense2"][0]), "--dataroot", str(nusc_root), "--split", SPLIT, "--output", str(run),
             "--set", f"train.epochs={epochs}", "--set", "train.batch_size=2", "--set", "runtime.loader_workers=0",
             "--set", "runtime.max_failures=2", "--address", two_nodes["address"]]
-    proc = subprocess.Popen(args, cwd=REPO, env=two_nodes["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    log = tmp_path / "train.log"  # a file, not a pipe: nobody reads a pipe while the test polls
+    proc = subprocess.Popen(args, cwd=REPO, env=two_nodes["env"], stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.time() + 300
-    while time.time() < deadline and not (run / "epoch_0001").is_dir():
-        time.sleep(0.1)
-    workers = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True).stdout.split()
+    workers = []  # this cluster's training workers (others may be training too), known before the first epoch ends
+    while time.time() < deadline and not workers and proc.poll() is None:
+        workers = train_worker_pids(two_nodes["address"])
     assert workers, "a training worker is running"
+    # A checkpoint counts once Ray Train has committed it (its snapshot lists it), not when its folder appears.
+    while time.time() < deadline and "epoch_0001" not in committed_checkpoints(run):
+        time.sleep(0.05)
     for pid in workers:
         os.kill(int(pid), signal.SIGKILL)
-    out, _ = proc.communicate(timeout=900)
+    proc.wait(timeout=900)
+    out = log.read_text()
     assert proc.returncode == 0, out[-4000:]
-    assert "resuming from epoch" in out, "the restarted worker group continued from the last checkpoint"
+    resumed = re.search(r"resuming from epoch (\d+)", out)
+    assert resumed and int(resumed.group(1)) < epochs, \
+        "the restarted worker group continued from a checkpoint:\n" + "\n".join(
+            line for line in out.splitlines() if "[train]" in line or "rror" in line)[-6000:]
     from pipeline.run_log import read_metrics
 
     steps = [r["step"] for r in read_metrics(run / "metrics.jsonl")]

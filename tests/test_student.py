@@ -28,7 +28,7 @@ from pipeline.grid import BEVGrid
 from pipeline.index import load_index
 from models.distill import UniDistillLoss
 
-from tests.conftest import REPO
+from tests.conftest import REPO, committed_checkpoints
 
 VERSION, SPLIT = "v1.0-mini", "mini_val"
 
@@ -162,12 +162,12 @@ def test_student_job_resumes_and_exports_the_student_alone(ray_cluster, caches, 
     assert first.returncode == 0, first.stdout + first.stderr
     job = next(line.split("'")[1] for line in first.stdout.splitlines() if "submitted successfully" in line)
     deadline = time.time() + 300
-    while time.time() < deadline and not (run / "epoch_0001").is_dir():
+    while time.time() < deadline and not committed_checkpoints(run):  # committed, not merely a folder
         time.sleep(0.1)
     ray = str(sys.executable).rsplit("/", 1)[0] + "/ray"
     subprocess.run([ray, "job", "stop", "--address", ray_cluster["dashboard"], job], env=ray_cluster["env"],
                    capture_output=True, timeout=120, check=True)
-    stopped_at = max(int(p.name.split("_")[1]) for p in run.glob("epoch_*"))
+    stopped_at = int(committed_checkpoints(run)[-1].split("_")[1])  # what a re-submitted run resumes from
     assert stopped_at < 12, "the first job was stopped part-way"
     second = _submit(ray_cluster, args)
     log = second.stdout + second.stderr

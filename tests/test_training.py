@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.run_log import read_metrics
 
-from tests.conftest import REPO
+from tests.conftest import REPO, committed_checkpoints
 
 TRAIN = ["--config", "tiny_lidar", "--set", "train.batch_size=2", "--set", "runtime.loader_workers=1"]
 
@@ -86,13 +86,13 @@ def test_resubmitted_run_resumes_from_its_last_checkpoint(ray_cluster, nusc_root
     first = ray_job(ray_cluster, args, wait=False)
     assert first.returncode == 0, first.stdout + first.stderr
     deadline = time.time() + 300
-    while time.time() < deadline and not (run / "epoch_0001").is_dir():
+    while time.time() < deadline and not committed_checkpoints(run):  # committed, not merely a folder
         time.sleep(0.5)
     ray = str(Path(sys.executable).parent / "ray")
     stop = subprocess.run([ray, "job", "stop", "--address", ray_cluster["dashboard"], job_id(first.stdout)],
                           env=ray_cluster["env"], capture_output=True, text=True, timeout=120)
     assert stop.returncode == 0, stop.stdout + stop.stderr
-    stopped_at = max(int(p.name.split("_")[1]) for p in run.glob("epoch_*"))
+    stopped_at = int(committed_checkpoints(run)[-1].split("_")[1])  # what a re-submitted run resumes from
     assert stopped_at < epochs, "the first job was stopped part-way"
     steps_done = 12 * stopped_at
 
