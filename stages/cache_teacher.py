@@ -22,6 +22,8 @@ except ImportError:
 
 def build_parser() -> argparse.ArgumentParser:
     """The stage's command line (also checked against the cluster manifests by the tests)."""
+    from pipeline.cache import store
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", required=True, help="cache location: a local path or a URL (s3://bucket/caches/x)")
     ap.add_argument("--teacher", help="teacher model file (RUN_DIR/model.pt)")
@@ -34,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     ap.add_argument("--shard-samples", type=int, default=8, help="samples per shard (the unit of writing)")
     ap.add_argument("--tile", type=int, default=None,
-                    help="chunk tile size in BEV cells, the unit of reading (default: about 8 tiles across)")
-    ap.add_argument("--compressor", default="blosc-zstd", choices=("blosc-zstd", "zstd", "blosc-lz4", "none"))
+                    help="chunk tile size in BEV cells, the unit of reading (default: about 4 tiles across, 8-32 cells)")
+    ap.add_argument("--compressor", default=store.DEFAULT_COMPRESSOR, choices=store.COMPRESSORS,
+                    help="chunk compressor (default: %(default)s, chosen by tests/bench/bench_cache.py)")
     ap.add_argument("--overwrite", action="store_true", help="replace a cache built with other settings")
     ap.add_argument("--actors", type=int, default=1, help="teacher actors")
     ap.add_argument("--teacher-batch", type=int, default=2, help="samples per teacher forward")
