@@ -61,7 +61,9 @@ stop_cluster() {
     [ -n "$pids" ] || { echo "no cluster running at $ip:$port"; return 0; }
     kill -TERM $pids 2>/dev/null || true
     for _ in $(seq 1 20); do
-        pids="$(for p in $pids; do kill -0 "$p" 2>/dev/null && echo "$p"; done)"
+        # (if/then, not `kill -0 && echo`: under set -e a dead last pid would end the script here,
+        # before the KILL below, leaving a GCS server that ignores TERM running)
+        pids="$(for p in $pids; do if kill -0 "$p" 2>/dev/null; then echo "$p"; fi; done)"
         [ -n "$pids" ] || break
         sleep 0.5
     done

@@ -17,7 +17,8 @@ from pipeline.run_log import MetricsLog, read_metrics
 
 
 def test_lr_scaling_and_one_cycle_schedule():
-    tr = load_config("tiny_lidar")["train"]
+    tr = load_config("nuscenes_lidar")["train"]  # linear scaling (the tiny presets' lr is used unscaled)
+    assert tr["lr_scaling"] == "linear" and load_config("tiny_lidar")["train"]["lr_scaling"] == "none"
     assert scaled_lr(tr, 4) == pytest.approx(tr["lr"])
     assert scaled_lr(tr, 8) == pytest.approx(2 * tr["lr"])
     assert scaled_lr(dict(tr, lr_scaling="none"), 8) == pytest.approx(tr["lr"])

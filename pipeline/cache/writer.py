@@ -2,15 +2,15 @@
 
 Every row of the Ray Data pipeline is one whole shard, so no shard is ever split between tasks:
 
-    shard descriptors --ShardLoader (CPU actor pool)--> the shard's un-augmented samples
+    shard descriptors --load_shards (CPU tasks)--> the shard's un-augmented samples
                       --TeacherRunner (actor pool, GPU when asked)--> its encoded maps, all views
-                      --ShardWriter (CPU actor pool)--> Zarr shard objects, then the shard's marker
+                      --write_shards (CPU tasks)--> Zarr shard objects, then the shard's marker
 
 The arrays are created once on the driver before anything runs (zarr-python cannot create
 concurrently or write part of a shard safely). Loading, teacher compute and writing run in
-different workers, so Ray Data's streaming executor overlaps them. Loaders and writers are
-actors rather than tasks: a task's worker process can be reaped between tasks (Ray keeps only
-about one idle worker per CPU), and a fresh one pays seconds of imports per shard. A retried task rewrites the
+different workers, so Ray Data's streaming executor overlaps them. (On a 2-CPU machine Ray keeps
+about one idle worker per CPU, so loader and writer tasks often start in fresh processes that pay
+seconds of imports: bench_cache.py measures that overhead.) A retried task rewrites the
 same shard with the same bytes. Markers make the job resumable: a re-run skips durable shards.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ import errno
 import functools
 import os
 import pickle
+import re
 import socket
 import time
 from dataclasses import asdict, dataclass, field
@@ -218,26 +219,6 @@ def _node_id() -> str:
         return "local"
 
 
-class ShardLoader:
-    """Ray Data actor: `load_shards` in a long-lived process (the split's index is built once)."""
-
-    def __init__(self, job: CacheJob) -> None:
-        self.job = job
-
-    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return load_shards(batch, self.job)
-
-
-class ShardWriter:
-    """Ray Data actor: `write_shards` in a long-lived process."""
-
-    def __init__(self, job: CacheJob) -> None:
-        self.job = job
-
-    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return write_shards(batch, self.job)
-
-
 def write_shards(batch: Mapping[str, np.ndarray], job: CacheJob) -> dict[str, np.ndarray]:
     """Ray Data task: write each shard of the batch whole; return one small row per shard."""
     out: dict[str, list] = {"shard": [], "bytes": [], "node": []}
@@ -333,15 +314,16 @@ def run_pipeline(job: CacheJob, shards: list[int], actors: int, gpus_per_actor: 
     import ray.data
 
     ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=max(1, len(shards)))
-    # Loader and writer pools grow from 1 to `actors` as CPUs allow (Ray Data's actor autoscaling).
-    helpers = ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors))
-    ds = ds.map_batches(ShardLoader, fn_constructor_kwargs={"job": job}, batch_size=1, compute=helpers,
-                        num_cpus=cpus_per_loader)
+    # Loading and writing are tasks, not actors: actors would hold their CPUs for the whole job, and
+    # when a node dies the survivors may have no room left to restart them (measured: the job hangs).
+    ds = ds.map_batches(load_shards, fn_kwargs={"job": job}, batch_size=1, num_cpus=cpus_per_loader)
     ds = ds.map_batches(TeacherRunner, fn_constructor_kwargs={"job": job}, batch_size=1,
-                        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
+                        # one shard at a time per teacher: a shard is a big unit, so queuing several on
+                        # one actor while another idles would only unbalance the pool
+                        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
+                        num_cpus=cpus_per_actor,
                         num_gpus=gpus_per_actor)
-    ds = ds.map_batches(ShardWriter, fn_constructor_kwargs={"job": job}, batch_size=1, compute=helpers,
-                        num_cpus=cpus_per_writer)
+    ds = ds.map_batches(write_shards, fn_kwargs={"job": job}, batch_size=1, num_cpus=cpus_per_writer)
     rows = list(ds.iter_rows())
     written = sorted(int(r["shard"]) for r in rows)
     if written != sorted(shards):
@@ -364,16 +346,24 @@ def finalize(job: CacheJob) -> tuple[int, list[str]]:
 
 def storage_error(job: CacheJob, error: BaseException) -> CacheError | None:
     """A clear CacheError for a job that failed on storage (full, read-only, missing), else None."""
-    seen, cause = set(), error
+    storage_errnos = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT)
+    code, seen, cause = None, set(), error
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
-        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
-            done = len(store.read_markers(job.uri))
-            return CacheError(f"cache {job.uri}: writing failed ({os.strerror(cause.errno)}) with {done} of "
-                              f"{job.cache_layout.num_shards} shards complete; the complete shards are intact "
-                              f"(--verify checks them): fix the storage and re-run the same command to finish")
+        if isinstance(cause, OSError) and cause.errno in storage_errnos:
+            code = cause.errno
+            break
         cause = cause.__cause__ or cause.__context__ or getattr(cause, "cause", None)
-    return None
+    if code is None:
+        # An error raised in an actor reaches the driver with its chain only as the remote traceback text.
+        found = [int(n) for n in re.findall(r"OSError: \[Errno (\d+)\]", str(error))]
+        code = next((n for n in found if n in storage_errnos), None)
+    if code is None:
+        return None
+    done = len(store.read_markers(job.uri))
+    return CacheError(f"cache {job.uri}: writing failed ({os.strerror(code)}) with {done} of "
+                      f"{job.cache_layout.num_shards} shards complete; the complete shards are intact "
+                      f"(--verify checks them): fix the storage and re-run the same command to finish")
 
 
 def build_cache(teacher_path: str, dataroot: str, version: str, split: str, uri: str, views: int = 1,
