@@ -27,8 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from models.detector import build_detector, load_detector, save_detector  # noqa: E402
+from models.detector import build_detector, load_detector  # noqa: E402
 from pipeline.cache import store  # noqa: E402
+from tests.bench.bench_inputs import dataset_and_teacher  # noqa: E402
 from pipeline.cache.reader import CacheReader  # noqa: E402
 from pipeline.cache.views import foreground_tiles  # noqa: E402
 from pipeline.cache.writer import TeacherRunner, _inputs_dataset, build_cache, plan_cache, write_one_shard  # noqa: E402
@@ -182,18 +183,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     tmp = tempfile.TemporaryDirectory(prefix="bench_cache_")
-    root = args.dataroot
-    if root is None:
-        from pipeline.synthetic import generate
-
-        root = Path(tmp.name) / "nuscenes"
-        generate(root, samples_per_scene=6, seed=0, image_size=(400, 225))
-    teacher = args.teacher
-    if teacher is None:
-        torch.manual_seed(0)
-        cfg = load_config("tiny_lidar")
-        teacher = Path(tmp.name) / "teacher.pt"
-        save_detector(teacher, build_detector(cfg).eval(), cfg)
+    root, teacher = dataset_and_teacher(Path(tmp.name), args.dataroot, args.teacher, samples_per_scene=6)
 
     alone = teacher_alone(teacher, root, args.teacher_batch)
     with ray_session(num_cpus=2):

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from models.detector import build_detector, load_detector, save_detector  # noqa: E402
+from models.detector import build_detector, load_detector  # noqa: E402
 from models.distill import UniDistillLoss, box_keypoints, sample_at_keypoints  # noqa: E402
 from pipeline.cache.reader import CacheReader  # noqa: E402
 from pipeline.cache.warp import warp_teacher_maps  # noqa: E402
@@ -36,6 +36,7 @@ from pipeline.distill_task import DistillDataset, DistillLosses, collate_with_te
 from pipeline.index import load_index  # noqa: E402
 from pipeline.ray_env import ray_session  # noqa: E402
 from pipeline.train_tasks import detection_losses  # noqa: E402
+from tests.bench.bench_inputs import dataset_and_teacher  # noqa: E402
 
 VERSION, SPLIT = "v1.0-mini", "mini_train"
 
@@ -114,18 +115,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     tmp = tempfile.TemporaryDirectory(prefix="bench_student_")
-    root = args.dataroot
-    if root is None:
-        from pipeline.synthetic import generate
-
-        root = Path(tmp.name) / "nuscenes"
-        generate(root, samples_per_scene=4, seed=0, image_size=(400, 225))
-    teacher_path = args.teacher
-    if teacher_path is None:
-        torch.manual_seed(0)
-        cfg_t = load_config("tiny_lidar")
-        teacher_path = Path(tmp.name) / "teacher.pt"
-        save_detector(teacher_path, build_detector(cfg_t).eval(), cfg_t)
+    root, teacher_path = dataset_and_teacher(Path(tmp.name), args.dataroot, args.teacher, samples_per_scene=4)
     with ray_session(num_cpus=2):
         caches = {k: str(Path(tmp.name) / f"cache{k}") for k in (1, 2)}
         for k, uri in caches.items():
