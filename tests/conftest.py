@@ -1,7 +1,9 @@
 """Shared fixtures: a small generated nuScenes-format dataset, made once per test session."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -51,24 +53,33 @@ def committed_checkpoints(run: Path) -> list[str]:
     return sorted(c["checkpoint_dir_name"] for c in snapshot.get("checkpoint_results", []))
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """A Ray cluster on 127.0.0.1 for the whole test session, started and stopped with the project's
-    own script (cluster/local_cluster.sh). Stages in this process and in subprocesses join it
-    through RAY_ADDRESS; `dashboard` is the address for `ray job submit`.
-    """
+def cluster_env(port: int) -> dict[str, str]:
+    """Environment for cluster/local_cluster.sh and its drivers: a cluster whose GCS is on `port`,
+    free dashboard and client ports, this venv first on PATH, no RAY_ADDRESS of another cluster."""
     import os
-    import subprocess
     import sys
 
-    port, dash = free_port(), free_port()
-    env = dict(os.environ, RAY_PORT=str(port), RAY_DASHBOARD_PORT=str(dash),
-               PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    env = dict(os.environ, RAY_PORT=str(port), RAY_DASHBOARD_PORT=str(free_port()),
+               RAY_CLIENT_PORT=str(free_port()), PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@contextlib.contextmanager
+def local_cluster(*start_args: str) -> Iterator[dict]:
+    """A Ray cluster on 127.0.0.1 started and stopped with the project's own script
+    (cluster/local_cluster.sh start START_ARGS ... / stop), on free ports. Yields its `address`,
+    the `dashboard` URL for `ray job submit`, and the `env` (without RAY_ADDRESS) that reaches it."""
+    import subprocess
+
+    port = free_port()
+    env = cluster_env(port)
+    dash = env["RAY_DASHBOARD_PORT"]
     script = str(REPO / "cluster" / "local_cluster.sh")
-    subprocess.run([script, "start", "--cpus", "4"], env=env, check=True, capture_output=True, timeout=180)
-    old = os.environ.get("RAY_ADDRESS")
-    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
     try:
+        started = subprocess.run([script, "start", *start_args], env=env, capture_output=True, text=True,
+                                 timeout=240)
+        assert started.returncode == 0, started.stdout + started.stderr
         yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
     finally:
         import ray
@@ -76,10 +87,24 @@ def ray_cluster():
         if ray.is_initialized():
             ray.shutdown()
         subprocess.run([script, "stop"], env=env, capture_output=True, timeout=120)
-        if old is None:
-            os.environ.pop("RAY_ADDRESS", None)
-        else:
-            os.environ["RAY_ADDRESS"] = old
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A Ray cluster on 127.0.0.1 for the whole test session (`local_cluster`). Stages in this process
+    and in subprocesses join it through RAY_ADDRESS."""
+    import os
+
+    with local_cluster("--cpus", "4") as cluster:
+        old = os.environ.get("RAY_ADDRESS")
+        os.environ["RAY_ADDRESS"] = cluster["address"]
+        try:
+            yield cluster
+        finally:
+            if old is None:
+                os.environ.pop("RAY_ADDRESS", None)
+            else:
+                os.environ["RAY_ADDRESS"] = old
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -18,30 +17,16 @@ from pipeline.cache.reader import CacheReader
 from pipeline.cache.schema import CacheError
 from pipeline.cache.writer import build_cache
 
-from tests.conftest import REPO, committed_checkpoints, free_port
+from tests.conftest import REPO, committed_checkpoints, local_cluster
 
 VERSION, SPLIT = "v1.0-mini", "mini_val"
 
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    """A head node and one worker node, 2 CPUs each, started and stopped with cluster/local_cluster.sh."""
-    port, dash = free_port(), free_port()
-    env = dict(os.environ, RAY_PORT=str(port), RAY_DASHBOARD_PORT=str(dash), RAY_CLIENT_PORT=str(free_port()),
-               PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
-    env.pop("RAY_ADDRESS", None)
-    script = str(REPO / "cluster" / "local_cluster.sh")
-    started = subprocess.run([script, "start", "--cpus", "2", "--workers", "1", "--worker-cpus", "2"], env=env,
-                             capture_output=True, text=True, timeout=240)
-    assert started.returncode == 0, started.stdout + started.stderr
-    try:
-        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
-    finally:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-        subprocess.run([script, "stop"], env=env, capture_output=True, timeout=120)
+    """A head node and one worker node, 2 CPUs each (cluster/local_cluster.sh)."""
+    with local_cluster("--cpus", "2", "--workers", "1", "--worker-cpus", "2") as cluster:
+        yield cluster
 
 
 def raylet_pids(address: str) -> list[int]:

@@ -1,19 +1,10 @@
 """cluster/local_cluster.sh: stop leaves none of its cluster's processes behind, and only its own."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
-from tests.conftest import REPO, free_port
-
-
-def cluster_env(port: int) -> dict[str, str]:
-    env = dict(os.environ, RAY_PORT=str(port), RAY_DASHBOARD_PORT=str(free_port()), RAY_CLIENT_PORT=str(free_port()),
-               PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
-    env.pop("RAY_ADDRESS", None)
-    return env
+from tests.conftest import REPO, cluster_env, free_port
 
 
 def processes_of(port: int) -> list[str]:
