@@ -42,7 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--overwrite", action="store_true", help="replace a cache built with other settings")
     ap.add_argument("--actors", type=int, default=1, help="teacher actors")
     ap.add_argument("--teacher-batch", type=int, default=2, help="samples per teacher forward")
-    ap.add_argument("--cpus-per-actor", type=float, default=1.0)
+    ap.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs reserved per teacher actor")
+    ap.add_argument("--loaders", type=int, default=None,
+                    help="loader actors (default: one per teacher actor; raise it when loading is the bottleneck, "
+                         "e.g. 4 per GPU teacher on nuScenes)")
+    ap.add_argument("--writers", type=int, default=None, help="writer actors (default: one per teacher actor)")
+    ap.add_argument("--cpus-per-loader", type=float, default=0.0,
+                    help="CPUs reserved per loader actor (default none, so that loaders lost with a node can "
+                         "always restart on the survivors)")
+    ap.add_argument("--cpus-per-writer", type=float, default=0.0,
+                    help="CPUs reserved per writer actor (default none); it compresses on max(1, ceil(this)) threads")
     ap.add_argument("--gpu", action="store_true", help="one GPU per teacher actor")
     ap.add_argument("--verify", action="store_true", help="check every shard against the manifest checksums")
     ap.add_argument("--inspect", action="store_true", help="print schema, fingerprint and sizes")
@@ -82,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
                 args.cache, views=args.views, storage=args.storage, dtype=args.dtype,
                 shard_samples=args.shard_samples, tile=args.tile, compressor_name=args.compressor,
                 overwrite=args.overwrite, actors=args.actors, use_gpu=args.gpu, cpus_per_actor=args.cpus_per_actor,
-                teacher_batch=args.teacher_batch, address=args.address)
+                teacher_batch=args.teacher_batch, address=args.address, loaders=args.loaders, writers=args.writers,
+                cpus_per_loader=args.cpus_per_loader, cpus_per_writer=args.cpus_per_writer)
 
 
 if __name__ == "__main__":

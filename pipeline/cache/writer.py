@@ -2,26 +2,39 @@
 
 Every row of the Ray Data pipeline is one whole shard, so no shard is ever split between tasks:
 
-    shard descriptors --load_shards (CPU tasks)--> the shard's un-augmented samples
+    shard descriptors --ShardLoader (actor pool)--> the shard's un-augmented samples
                       --TeacherRunner (actor pool, GPU when asked)--> its encoded maps, all views
-                      --write_shards (CPU tasks)--> Zarr shard objects, then the shard's marker
+                      --ShardWriter (actor pool)--> Zarr shard objects, then the shard's marker
 
 The arrays are created once on the driver before anything runs (zarr-python cannot create
 concurrently or write part of a shard safely). Loading, teacher compute and writing run in
-different workers, so Ray Data's streaming executor overlaps them. (On a 2-CPU machine Ray keeps
-about one idle worker per CPU, so loader and writer tasks often start in fresh processes that pay
-seconds of imports: bench_cache.py measures that overhead.) A retried task rewrites the
-same shard with the same bytes. Markers make the job resumable: a re-run skips durable shards.
+different processes, so Ray Data's streaming executor overlaps them; two shards wait at each
+teacher so it never idles between them.
+
+Loaders and writers are long-lived actors, not tasks: a task's worker process is reaped when idle
+and whenever two tasks are ready at once Ray starts a fresh one, which pays seconds of imports and
+rebuilds the split's index (on nuScenes trainval, the devkit tables) before its first shard; on 2
+cores that stalled the teacher for ~5 s every few shards (bench_cache.py: 0.23x of the teacher
+alone with tasks). Their pools have a fixed size and reserve no CPUs by default (like a plain Ray
+actor's running default), so that they can always be restarted: with any reservation, a cluster
+whose CPUs are all reserved has no room to restart the loaders lost with a node, and the job
+waits forever (measured with 0.25 and 0.5 CPUs per helper). Teacher actors hold the real
+reservations (CPUs, GPUs); size the helper pools with --loaders / --writers.
+
+A retried task rewrites the same shard with the same bytes. Markers make the job resumable: a re-run
+skips durable shards.
 """
 from __future__ import annotations
 
 import errno
 import functools
+import math
 import os
 import pickle
 import re
 import socket
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -128,6 +141,17 @@ def load_shards(batch: Mapping[str, np.ndarray], job: CacheJob) -> dict[str, np.
     return {"shard": np.asarray(shards), "payload": np.asarray(payloads, dtype=object)}
 
 
+class ShardLoader:
+    """Ray Data actor: `load_shards` in a long-lived process (the split's index is built once)."""
+
+    def __init__(self, job: CacheJob) -> None:
+        self.job = job
+        _inputs_dataset(job.teacher_path, job.dataroot, job.version, job.split)
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return load_shards(batch, self.job)
+
+
 def encode_shard_maps(outputs: list[dict[str, torch.Tensor]], boxes: list[np.ndarray], job: CacheJob,
                       grid: BEVGrid) -> dict[str, np.ndarray]:
     """Teacher outputs of a shard's rows -> stored arrays (foreground tiles only when asked)."""
@@ -231,6 +255,20 @@ def write_shards(batch: Mapping[str, np.ndarray], job: CacheJob) -> dict[str, np
     return {k: np.asarray(v, dtype=object if k == "node" else None) for k, v in out.items()}
 
 
+class ShardWriter:
+    """Ray Data actor: `write_shards` in a long-lived process, compressing on as many threads as
+    the CPUs it reserved (Zarr's default pool would use every core and slow the teacher down)."""
+
+    def __init__(self, job: CacheJob, threads: int = 1) -> None:
+        import zarr
+
+        self.job = job
+        zarr.config.set({"threading.max_workers": max(1, int(threads))})
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return write_shards(batch, self.job)
+
+
 # --- driver --------------------------------------------------------------------------------------
 @dataclass
 class CacheSummary:
@@ -305,26 +343,57 @@ def prepare_store(job: CacheJob, fingerprint: Mapping[str, Any], compressor_name
     return set()
 
 
+ACTOR_START_TIMEOUT_S = 600  # how long the job waits for its actor pools to start
+
+
 def run_pipeline(job: CacheJob, shards: list[int], actors: int, gpus_per_actor: float, cpus_per_actor: float,
-                 cpus_per_loader: float = 0.5, cpus_per_writer: float = 0.5) -> list[dict]:
+                 loaders: int | None = None, writers: int | None = None, cpus_per_loader: float = 0.0,
+                 cpus_per_writer: float = 0.0) -> list[dict]:
     """Ray Data: load, run the teacher and write `shards`; returns one row per written shard.
 
+    `loaders` and `writers` (default: one of each per teacher actor) size the fixed helper pools.
     Raises CacheError if a shard came back twice or not at all (each shard has one writer).
     """
     import ray.data
 
-    ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=max(1, len(shards)))
-    # Loading and writing are tasks, not actors: actors would hold their CPUs for the whole job, and
-    # when a node dies the survivors may have no room left to restart them (measured: the job hangs).
-    ds = ds.map_batches(load_shards, fn_kwargs={"job": job}, batch_size=1, num_cpus=cpus_per_loader)
-    ds = ds.map_batches(TeacherRunner, fn_constructor_kwargs={"job": job}, batch_size=1,
-                        # one shard at a time per teacher: a shard is a big unit, so queuing several on
-                        # one actor while another idles would only unbalance the pool
-                        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
-                        num_cpus=cpus_per_actor,
-                        num_gpus=gpus_per_actor)
-    ds = ds.map_batches(write_shards, fn_kwargs={"job": job}, batch_size=1, num_cpus=cpus_per_writer)
-    rows = list(ds.iter_rows())
+    loaders = actors if loaders is None else int(loaders)
+    writers = actors if writers is None else int(writers)
+    if min(actors, loaders, writers) < 1:
+        raise ValueError(f"actors, loaders and writers must be >= 1, got {actors}, {loaders}, {writers}")
+    # Every teacher actor is up before the first shard is handed out, and shards go to the least busy
+    # one rather than the one next to the shard's inputs: a shard is a big unit of compute and a small
+    # transfer, and on short jobs the first actor up (or the local one) would get all of them.
+    # (A Dataset copies the context when it is created, so this comes first.)
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.wait_for_min_actors_s, ctx.execution_options.actor_locality_enabled
+    ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
+    with warnings.catch_warnings():  # deprecated, still honoured by the pinned Ray
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx.execution_options.actor_locality_enabled = False
+    try:
+        ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=max(1, len(shards)))
+        ds = ds.map_batches(ShardLoader, fn_constructor_kwargs={"job": job}, batch_size=1,
+                            compute=ray.data.ActorPoolStrategy(size=loaders), num_cpus=cpus_per_loader)
+        ds = ds.map_batches(TeacherRunner, fn_constructor_kwargs={"job": job}, batch_size=1,
+                            # two shards per teacher: the next one is there when the current one is done,
+                            # and a few large units still spread over all teacher actors
+                            compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
+                            num_cpus=cpus_per_actor,
+                            num_gpus=gpus_per_actor)
+        ds = ds.map_batches(ShardWriter, fn_constructor_kwargs={"job": job, "threads": math.ceil(cpus_per_writer)},
+                            batch_size=1,
+                            compute=ray.data.ActorPoolStrategy(size=writers), num_cpus=cpus_per_writer)
+        rows = list(ds.iter_rows())
+    except ray.exceptions.GetTimeoutError as e:
+        raise CacheError(f"cache {job.uri}: the cluster could not start {actors} teacher actors "
+                         f"({cpus_per_actor} CPUs, {gpus_per_actor} GPUs each), {loaders} loaders and {writers} "
+                         f"writers within {ACTOR_START_TIMEOUT_S} s; ask for fewer (--actors, --loaders, "
+                         f"--writers) or smaller reservations") from e
+    finally:
+        ctx.wait_for_min_actors_s = saved[0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ctx.execution_options.actor_locality_enabled = saved[1]
     written = sorted(int(r["shard"]) for r in rows)
     if written != sorted(shards):
         raise CacheError(f"cache {job.uri}: the job wrote shards {written}, expected each of {sorted(shards)} once")
@@ -370,7 +439,9 @@ def build_cache(teacher_path: str, dataroot: str, version: str, split: str, uri:
                 storage: str = "dense", dtype: str = "float16", shard_samples: int = 8, tile: int | None = None,
                 compressor_name: str = store.DEFAULT_COMPRESSOR, overwrite: bool = False, actors: int = 1,
                 use_gpu: bool = False, cpus_per_actor: float = 1.0, teacher_batch: int = 2,
-                address: str | None = None, view_seed: int = DEFAULT_VIEW_SEED) -> CacheSummary:
+                address: str | None = None, view_seed: int = DEFAULT_VIEW_SEED, loaders: int | None = None,
+                writers: int | None = None, cpus_per_loader: float = 0.0,
+                cpus_per_writer: float = 0.0) -> CacheSummary:
     """Run the teacher over a split once and store its targets (see the module docstring)."""
     start = time.perf_counter()
     job, fingerprint = plan_cache(teacher_path, dataroot, version, split, uri, views, storage, dtype,
@@ -390,7 +461,8 @@ def build_cache(teacher_path: str, dataroot: str, version: str, split: str, uri:
         with ray_session(address):
             try:
                 run_pipeline(job, todo, actors=actors, gpus_per_actor=1.0 if use_gpu else 0.0,
-                             cpus_per_actor=cpus_per_actor)
+                             cpus_per_actor=cpus_per_actor, loaders=loaders, writers=writers,
+                             cpus_per_loader=cpus_per_loader, cpus_per_writer=cpus_per_writer)
             except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; name the storage ones
                 clear = storage_error(job, e)
                 if clear is None:
