@@ -16,13 +16,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from models.center_head import mean_over_workers
 from models.checkpoint import read_model_file
 from models.detector import BEVDetector, build_detector, load_detector
 from models.distill import UniDistillLoss, resolve_distill_config
-from pipeline.cache.reader import CacheReader
+from pipeline.cache.reader import CacheReader, loader_worker_init
 from pipeline.cache.schema import CacheError, CacheMismatchError, channel_layout, differing_fields
 from pipeline.cache.warp import warp_teacher_maps
 from pipeline.classes import CLASS_NAMES
@@ -121,22 +121,27 @@ class DistillDataset(Dataset):
         view = 0
         if self.policy == "replay":
             view = int(view_rng(self.base.seed, self.epoch, item, 2).integers(0, self.reader.views))
-            sample = self.base.get(item, bda=self.reader.bda(token, view))
+        maps = self.reader.read(token, view, MAPS)  # with the view's stored BDA
+        if self.policy == "replay":
+            sample = self.base.get(item, bda=maps["bda"])
         elif self.policy == "canonical":
             sample = self.base.get(item, bda=np.eye(4))
         else:  # warp: the student's own fresh augmentation; the maps follow in the loss
             sample = self.base.get(item)
-        maps = self.reader.read(token, view, MAPS)
         sample["teacher"] = {k: maps[k] for k in MAPS}
         return sample
 
 
 def collate_with_teacher(samples: list[Sample]) -> dict[str, Any]:
-    """`collate`, plus the samples' cached teacher maps stacked as float32 tensors [B, C, H, W]."""
+    """`collate`, plus the samples' cached teacher maps stacked as float32 tensors [B, C, H, W].
+
+    The maps are stacked by torch's default_collate, which in a DataLoader worker stacks straight
+    into shared memory: one copy of ~4 MiB per sample fewer than stacking and then sharing.
+    """
     teachers = [s.pop("teacher", None) for s in samples]
     batch = collate(samples)
     if teachers[0] is not None:
-        batch["teacher"] = {k: torch.from_numpy(np.stack([t[k] for t in teachers])) for k in MAPS}
+        batch["teacher"] = {k: default_collate([torch.from_numpy(t[k]) for t in teachers]) for k in MAPS}
     return batch
 
 
@@ -182,7 +187,8 @@ def distill_task(loop_config: Mapping[str, Any], device: torch.device) -> TrainT
     dataset = DistillDataset(base, reader, policy)
     losses = DistillLosses(student.grid, teacher, warp=reader is not None and policy == "warp")
     extra = nn.ModuleDict({"distill": UniDistillLoss(student.grid, loop_config["distill"])})
-    return TrainTask(model=student, dataset=dataset, losses=losses, extra=extra, collate_fn=collate_with_teacher)
+    return TrainTask(model=student, dataset=dataset, losses=losses, extra=extra, collate_fn=collate_with_teacher,
+                     worker_init_fn=loader_worker_init if reader is not None else None)
 
 
 def teacher_modality_of(cache: str | None, teacher: str | None) -> str:

@@ -46,6 +46,7 @@ class TrainTask:
         extra: trainable modules used only by the losses (e.g. distillation adaptation layers):
             checkpointed for resume, never exported; their gradients are averaged over workers.
         collate_fn: batches the dataset's samples (default pipeline.collate.collate).
+        worker_init_fn: run once in each DataLoader worker process (e.g. to cap a reader's threads).
     """
 
     model: nn.Module
@@ -53,6 +54,7 @@ class TrainTask:
     losses: LossFn
     extra: nn.ModuleDict = field(default_factory=nn.ModuleDict)
     collate_fn: Callable[[list], dict] = collate
+    worker_init_fn: Callable[[int], None] | None = None
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -148,7 +150,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loader_workers = int(rt["loader_workers"])
     loader = DataLoader(task.dataset, batch_size=batch_size, sampler=sampler, collate_fn=task.collate_fn,
                         num_workers=loader_workers, pin_memory=device.type == "cuda", drop_last=True,
-                        prefetch_factor=2 if loader_workers else None, persistent_workers=False)
+                        prefetch_factor=2 if loader_workers else None, persistent_workers=False,
+                        worker_init_fn=task.worker_init_fn)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise ValueError(f"split {config['split']!r} has {len(task.dataset)} samples: too few for "

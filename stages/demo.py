@@ -64,10 +64,28 @@ def format_table(rows: list[tuple[str, str, dict, float]]) -> str:
     return "\n".join(lines)
 
 
+def format_seed_table(runs: dict[str, list[tuple[int, dict]]]) -> str:
+    """Markdown table of mAP / NDS per seed and their mean and standard deviation, per model."""
+    import numpy as np
+
+    lines = ["| model | seed | mAP | NDS |", "|---|---|---|---|"]
+    for name, results in runs.items():
+        for seed, s in results:
+            lines.append(f"| {name} | {seed} | {s['mean_ap']:.4f} | {s['nd_score']:.4f} |")
+        maps = np.array([s["mean_ap"] for _, s in results])
+        nds = np.array([s["nd_score"] for _, s in results])
+        lines.append(f"| **{name}** | mean +- std over {len(results)} | **{maps.mean():.4f} +- {maps.std(ddof=1) if len(maps) > 1 else 0:.4f}** "
+                     f"| **{nds.mean():.4f} +- {nds.std(ddof=1) if len(nds) > 1 else 0:.4f}** |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for everything the demo writes")
     ap.add_argument("--dataset-only", action="store_true", help="only generate the dataset and print its summary")
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="train the camera baseline and the distilled student with this many seeds (0, 1, ...) "
+                         "and write their mean and spread to results_seeds.md (each extra seed adds ~12 min)")
     args = ap.parse_args(argv)
     out = args.out.resolve()
     root = out / "nuscenes"
@@ -109,10 +127,25 @@ def main(argv: list[str] | None = None) -> None:
         loop, identity = plan_student(cfg, VERSION, TRAIN, tokens, cache=cache)
         student, t_student = train("camera_student", STUDENT, distill_task, identity=identity, extra_loop_config=loop)
         evaluate("camera student (UniDistill, cached)", student, t_student + t_cache, STUDENT[0])
+        # More seeds of the two camera models, same recipe and budget (seed 0 is the runs above).
+        seeded = {"camera baseline": [(0, rows[1][2])], "camera student (UniDistill, cached)": [(0, rows[2][2])]}
+        for seed in range(1, args.seeds):
+            extra = [f"train.seed={seed}"]
+            for name, preset, task, kw in (("camera baseline", BASELINE, detection_task, {}),
+                                           ("camera student (UniDistill, cached)", STUDENT, distill_task,
+                                            {"identity": identity, "extra_loop_config": loop})):
+                run = f"{'camera_student' if task is distill_task else 'camera_baseline'}_seed{seed}"
+                model, _ = train(run, (preset[0], preset[1] + extra), task, **kw)
+                summary, _ = step(f"evaluate {run}", evaluate_model, model, root, VERSION, VAL, out / "eval" / run)
+                seeded[name].append((seed, summary))
 
     table = format_table(rows)
     (out / "results.md").write_text(table + "\n")
     print(f"\n[demo] results on generated mini_val ({(time.perf_counter() - t_start) / 60:.1f} min in all):\n{table}")
+    if args.seeds > 1:
+        seeds_table = format_seed_table(seeded)
+        (out / "results_seeds.md").write_text(seeds_table + "\n")
+        print(f"\n[demo] camera models over {args.seeds} seeds:\n{seeds_table}")
     print(f"[demo] written to {out / 'results.md'}; runs in {runs}, evaluations in {out / 'eval'}")
 
 

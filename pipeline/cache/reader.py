@@ -10,12 +10,24 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import zarr
 
 from pipeline.cache import store
 from pipeline.cache.schema import MAP_NAMES, CacheError, CacheLayout, CacheMismatchError, differing_fields
 
 # Fingerprint fields a student's own model must agree with.
 STUDENT_MUST_MATCH = ("grid", "class_order", "channels.heatmap", "channels.regression")
+
+
+def limit_read_threads(threads: int = 1) -> None:
+    """Cap this process's Zarr decompression threads (call before its first read, e.g. in a
+    DataLoader worker): Zarr's default pool uses every core and competes with the training step."""
+    zarr.config.set({"threading.max_workers": max(1, int(threads))})
+
+
+def loader_worker_init(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's worker_init_fn signature
+    """DataLoader worker_init_fn of datasets that read a cache: one decompression thread per worker."""
+    limit_read_threads(1)
 
 
 class CacheReader:

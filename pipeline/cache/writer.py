@@ -61,14 +61,16 @@ from pipeline.storage import is_url
 from pipeline.train_loop import to_device
 
 def default_tile(grid: BEVGrid) -> int:
-    """Chunk tile size (cells): about 4 tiles across, between 8 and 32 cells (the paper's 180x180 map
-    gets 32-cell tiles of 19.2 m, the tiny 64x64 map 16-cell tiles of 25.6 m).
+    """Chunk tile size (cells): 32, or half the map's shorter side when that is smaller (at least 8):
+    the paper's 180x180 map gets 32-cell tiles of 19.2 m (6 x 6 tiles), the tiny 64x64 map 32-cell
+    tiles of 51.2 m (2 x 2).
 
-    Every chunk read costs Zarr a fixed overhead (~0.25 ms on one core), so small tiles make random
-    reads slow: a tiny-preset sample's four maps read in ~64 ms with 8-cell tiles, ~17 ms with 16
-    and ~7 ms with 32 (bench_cache.py); foreground storage keeps fewer cells with smaller tiles.
+    Every chunk read costs Zarr a fixed overhead (~0.25-0.5 ms on one core), so small tiles make
+    random reads slow: a tiny-preset sample's four maps read in ~69 ms with 8-cell tiles, ~18 ms
+    with 16 and ~7 ms with 32 (bench_cache.py), and a student's DataLoader worker pays that per
+    sample; foreground storage keeps fewer cells with smaller tiles (pass --tile for that).
     """
-    return int(min(32, max(8, min(grid.H, grid.W) // 4)))
+    return int(min(32, max(8, min(grid.H, grid.W) // 2)))
 
 
 DEFAULT_VIEW_SEED = 0
