@@ -118,16 +118,13 @@ class DistillDataset(Dataset):
         if self.reader is None:
             return self.base.get(item)
         token = self.base.row(item)["token"]
-        view = 0
-        if self.policy == "replay":
-            view = int(view_rng(self.base.seed, self.epoch, item, 2).integers(0, self.reader.views))
+        replay = self.policy == "replay"
+        view = int(view_rng(self.base.seed, self.epoch, item, 2).integers(0, self.reader.views)) if replay else 0
         maps = self.reader.read(token, view, MAPS)  # with the view's stored BDA
-        if self.policy == "replay":
-            sample = self.base.get(item, bda=maps["bda"])
-        elif self.policy == "canonical":
-            sample = self.base.get(item, bda=np.eye(4))
-        else:  # warp: the student's own fresh augmentation; the maps follow in the loss
-            sample = self.base.get(item)
+        # replay: the stored view's BDA; canonical: none; warp (None): the student's own fresh
+        # augmentation, the maps follow in the loss
+        bda = maps["bda"] if replay else np.eye(4) if self.policy == "canonical" else None
+        sample = self.base.get(item, bda=bda)
         sample["teacher"] = {k: maps[k] for k in MAPS}
         return sample
 

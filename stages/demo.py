@@ -72,10 +72,11 @@ def format_seed_table(runs: dict[str, list[tuple[int, dict]]]) -> str:
     for name, results in runs.items():
         for seed, s in results:
             lines.append(f"| {name} | {seed} | {s['mean_ap']:.4f} | {s['nd_score']:.4f} |")
-        maps = np.array([s["mean_ap"] for _, s in results])
-        nds = np.array([s["nd_score"] for _, s in results])
-        lines.append(f"| **{name}** | mean +- std over {len(results)} | **{maps.mean():.4f} +- {maps.std(ddof=1) if len(maps) > 1 else 0:.4f}** "
-                     f"| **{nds.mean():.4f} +- {nds.std(ddof=1) if len(nds) > 1 else 0:.4f}** |")
+        spread = []
+        for key in ("mean_ap", "nd_score"):
+            v = np.array([s[key] for _, s in results])
+            spread.append(f"**{v.mean():.4f} +- {v.std(ddof=1) if len(v) > 1 else 0.0:.4f}**")
+        lines.append(f"| **{name}** | mean +- std over {len(results)} | {spread[0]} | {spread[1]} |")
     return "\n".join(lines)
 
 
@@ -131,10 +132,11 @@ def main(argv: list[str] | None = None) -> None:
         seeded = {"camera baseline": [(0, rows[1][2])], "camera student (UniDistill, cached)": [(0, rows[2][2])]}
         for seed in range(1, args.seeds):
             extra = [f"train.seed={seed}"]
-            for name, preset, task, kw in (("camera baseline", BASELINE, detection_task, {}),
-                                           ("camera student (UniDistill, cached)", STUDENT, distill_task,
-                                            {"identity": identity, "extra_loop_config": loop})):
-                run = f"{'camera_student' if task is distill_task else 'camera_baseline'}_seed{seed}"
+            for name, folder, preset, task, kw in (
+                    ("camera baseline", "camera_baseline", BASELINE, detection_task, {}),
+                    ("camera student (UniDistill, cached)", "camera_student", STUDENT, distill_task,
+                     {"identity": identity, "extra_loop_config": loop})):
+                run = f"{folder}_seed{seed}"
                 model, _ = train(run, (preset[0], preset[1] + extra), task, **kw)
                 summary, _ = step(f"evaluate {run}", evaluate_model, model, root, VERSION, VAL, out / "eval" / run)
                 seeded[name].append((seed, summary))

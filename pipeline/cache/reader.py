@@ -11,7 +11,6 @@ import asyncio
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import zarr
 from zarr.core.sync import sync as zarr_sync  # what zarr's own synchronous API runs coroutines with
 
 from pipeline.cache import store
@@ -21,15 +20,9 @@ from pipeline.cache.schema import MAP_NAMES, CacheError, CacheLayout, CacheMisma
 STUDENT_MUST_MATCH = ("grid", "class_order", "channels.heatmap", "channels.regression")
 
 
-def limit_read_threads(threads: int = 1) -> None:
-    """Cap this process's Zarr decompression threads (call before its first read, e.g. in a
-    DataLoader worker): Zarr's default pool uses every core and competes with the training step."""
-    zarr.config.set({"threading.max_workers": max(1, int(threads))})
-
-
 def loader_worker_init(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's worker_init_fn signature
     """DataLoader worker_init_fn of datasets that read a cache: one decompression thread per worker."""
-    limit_read_threads(1)
+    store.limit_codec_threads(1)
 
 
 class CacheReader:

@@ -30,6 +30,13 @@ COMPRESSORS = ("zstd", "blosc-zstd", "blosc-lz4", "none")
 DEFAULT_COMPRESSOR = "zstd"
 
 
+def limit_codec_threads(threads: int) -> None:
+    """Cap this process's Zarr compression/decompression threads at `threads` (at least 1). Call it
+    before the process's first Zarr read or write (the pool is made then): Zarr's default pool uses
+    every core, which in a writer actor or a DataLoader worker competes with the model's own core."""
+    zarr.config.set({"threading.max_workers": max(1, int(threads))})
+
+
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """(fsspec filesystem, root path in it) of a cache URI or local path."""
     fs, root = fsspec.core.url_to_fs(str(uri))

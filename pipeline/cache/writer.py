@@ -26,6 +26,7 @@ skips durable shards.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import math
@@ -37,7 +38,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -262,10 +263,8 @@ class ShardWriter:
     the CPUs it reserved (Zarr's default pool would use every core and slow the teacher down)."""
 
     def __init__(self, job: CacheJob, threads: int = 1) -> None:
-        import zarr
-
         self.job = job
-        zarr.config.set({"threading.max_workers": max(1, int(threads))})
+        store.limit_codec_threads(threads)
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return write_shards(batch, self.job)
@@ -348,6 +347,30 @@ def prepare_store(job: CacheJob, fingerprint: Mapping[str, Any], compressor_name
 ACTOR_START_TIMEOUT_S = 600  # how long the job waits for its actor pools to start
 
 
+@contextlib.contextmanager
+def _shard_scheduling(ctx: Any) -> Iterator[None]:
+    """Ray Data settings of a caching job, restored afterwards; the Dataset must be created inside
+    (it copies the context when created).
+
+    Every teacher actor is up before the first shard is handed out, and shards go to the least busy
+    one rather than the one next to the shard's inputs: a shard is a big unit of compute and a small
+    transfer, and on short jobs the first actor up (or the local one) would get all of them.
+    """
+    def set_locality(value: bool) -> None:
+        with warnings.catch_warnings():  # deprecated, still honoured by the pinned Ray
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ctx.execution_options.actor_locality_enabled = value
+
+    saved = ctx.wait_for_min_actors_s, ctx.execution_options.actor_locality_enabled
+    ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
+    set_locality(False)
+    try:
+        yield
+    finally:
+        ctx.wait_for_min_actors_s = saved[0]
+        set_locality(saved[1])
+
+
 def run_pipeline(job: CacheJob, shards: list[int], actors: int, gpus_per_actor: float, cpus_per_actor: float,
                  loaders: int | None = None, writers: int | None = None, cpus_per_loader: float = 0.0,
                  cpus_per_writer: float = 0.0) -> list[dict]:
@@ -362,40 +385,26 @@ def run_pipeline(job: CacheJob, shards: list[int], actors: int, gpus_per_actor: 
     writers = actors if writers is None else int(writers)
     if min(actors, loaders, writers) < 1:
         raise ValueError(f"actors, loaders and writers must be >= 1, got {actors}, {loaders}, {writers}")
-    # Every teacher actor is up before the first shard is handed out, and shards go to the least busy
-    # one rather than the one next to the shard's inputs: a shard is a big unit of compute and a small
-    # transfer, and on short jobs the first actor up (or the local one) would get all of them.
-    # (A Dataset copies the context when it is created, so this comes first.)
-    ctx = ray.data.DataContext.get_current()
-    saved = ctx.wait_for_min_actors_s, ctx.execution_options.actor_locality_enabled
-    ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
-    with warnings.catch_warnings():  # deprecated, still honoured by the pinned Ray
-        warnings.simplefilter("ignore", DeprecationWarning)
-        ctx.execution_options.actor_locality_enabled = False
     try:
-        ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=max(1, len(shards)))
-        ds = ds.map_batches(ShardLoader, fn_constructor_kwargs={"job": job}, batch_size=1,
-                            compute=ray.data.ActorPoolStrategy(size=loaders), num_cpus=cpus_per_loader)
-        ds = ds.map_batches(TeacherRunner, fn_constructor_kwargs={"job": job}, batch_size=1,
-                            # two shards per teacher: the next one is there when the current one is done,
-                            # and a few large units still spread over all teacher actors
-                            compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
-                            num_cpus=cpus_per_actor,
-                            num_gpus=gpus_per_actor)
-        ds = ds.map_batches(ShardWriter, fn_constructor_kwargs={"job": job, "threads": math.ceil(cpus_per_writer)},
-                            batch_size=1,
-                            compute=ray.data.ActorPoolStrategy(size=writers), num_cpus=cpus_per_writer)
-        rows = list(ds.iter_rows())
+        with _shard_scheduling(ray.data.DataContext.get_current()):
+            ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=max(1, len(shards)))
+            ds = ds.map_batches(ShardLoader, fn_constructor_kwargs={"job": job}, batch_size=1,
+                                compute=ray.data.ActorPoolStrategy(size=loaders), num_cpus=cpus_per_loader)
+            ds = ds.map_batches(TeacherRunner, fn_constructor_kwargs={"job": job}, batch_size=1,
+                                # two shards per teacher: the next one is there when the current one is
+                                # done, and a few large units still spread over all teacher actors
+                                compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
+                                num_cpus=cpus_per_actor,
+                                num_gpus=gpus_per_actor)
+            ds = ds.map_batches(ShardWriter, fn_constructor_kwargs={"job": job, "threads": math.ceil(cpus_per_writer)},
+                                batch_size=1,
+                                compute=ray.data.ActorPoolStrategy(size=writers), num_cpus=cpus_per_writer)
+            rows = list(ds.iter_rows())
     except ray.exceptions.GetTimeoutError as e:
         raise CacheError(f"cache {job.uri}: the cluster could not start {actors} teacher actors "
                          f"({cpus_per_actor} CPUs, {gpus_per_actor} GPUs each), {loaders} loaders and {writers} "
                          f"writers within {ACTOR_START_TIMEOUT_S} s; ask for fewer (--actors, --loaders, "
                          f"--writers) or smaller reservations") from e
-    finally:
-        ctx.wait_for_min_actors_s = saved[0]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            ctx.execution_options.actor_locality_enabled = saved[1]
     written = sorted(int(r["shard"]) for r in rows)
     if written != sorted(shards):
         raise CacheError(f"cache {job.uri}: the job wrote shards {written}, expected each of {sorted(shards)} once")
