@@ -120,7 +120,7 @@ class DistillDataset(Dataset):
         token = self.base.row(item)["token"]
         replay = self.policy == "replay"
         view = int(view_rng(self.base.seed, self.epoch, item, 2).integers(0, self.reader.views)) if replay else 0
-        maps = self.reader.read(token, view, MAPS)  # with the view's stored BDA
+        maps = self.reader.read_tensors(token, view, MAPS)  # stored precision, with the view's stored BDA
         # replay: the stored view's BDA; canonical: none; warp (None): the student's own fresh
         # augmentation, the maps follow in the loss
         bda = maps["bda"] if replay else np.eye(4) if self.policy == "canonical" else None
@@ -130,15 +130,16 @@ class DistillDataset(Dataset):
 
 
 def collate_with_teacher(samples: list[Sample]) -> dict[str, Any]:
-    """`collate`, plus the samples' cached teacher maps stacked as float32 tensors [B, C, H, W].
+    """`collate`, plus the samples' cached teacher maps stacked [B, C, H, W] in the cache's precision
+    (the losses and the warp cast them to float32, a batch at a time).
 
     The maps are stacked by torch's default_collate, which in a DataLoader worker stacks straight
-    into shared memory: one copy of ~4 MiB per sample fewer than stacking and then sharing.
+    into shared memory: one copy per sample fewer than stacking and then sharing.
     """
     teachers = [s.pop("teacher", None) for s in samples]
     batch = collate(samples)
     if teachers[0] is not None:
-        batch["teacher"] = {k: default_collate([torch.from_numpy(t[k]) for t in teachers]) for k in MAPS}
+        batch["teacher"] = {k: default_collate([t[k] for t in teachers]) for k in MAPS}
     return batch
 
 

@@ -53,6 +53,16 @@ def copy_of(caches, name, tmp_path) -> Path:
     return dst
 
 
+@pytest.mark.parametrize("dtype,rtol", [("float16", 1e-3), ("bfloat16", 8e-3), ("float32", 0.0)])
+def test_stored_maps_come_back_as_tensors_of_the_cache_precision(dtype, rtol):
+    maps = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(0)) * 50
+    stored = store.encode_maps(maps, dtype)
+    tensor = store.stored_tensor(stored, dtype)
+    assert tensor.dtype == getattr(torch, dtype) and tensor.shape == maps.shape
+    assert np.array_equal(tensor.float().numpy(), store.decode_maps(stored, dtype))  # the same values as read()
+    torch.testing.assert_close(tensor.float(), maps, rtol=rtol, atol=0)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["dense1", "dense2"])
 def test_cached_maps_equal_the_teacher_run_directly(caches, tiny_teacher, nusc_root, name):
@@ -75,6 +85,16 @@ def test_cached_maps_equal_the_teacher_run_directly(caches, tiny_teacher, nusc_r
                 assert cached[name].shape == want.shape
                 np.testing.assert_allclose(cached[name], want, rtol=2e-3, atol=2e-3 * max(1.0, np.abs(want).max()),
                                            err_msg=f"{name} view {view}")
+            # What a student's DataLoader worker reads: the same values in the stored precision.
+            stored = reader.read_tensors(tokens[item], view)
+            assert np.array_equal(stored["bda"], cached["bda"])
+            for name in ("low", "high", "heatmap", "regression"):
+                assert stored[name].dtype == torch.float16, name
+                assert torch.equal(stored[name].float(), torch.from_numpy(cached[name])), name
+    # dense storage: one chunk per map per row (a student reads whole rows; every chunk costs a read)
+    group = store.open_cache_group(str(uri))
+    for name in ("low", "high", "heatmap", "regression"):
+        assert group[name].chunks == (1, *group[name].shape[1:]), name
     if views > 1:  # augmented views are really different inputs
         a, b = reader.read(tokens[0], 0)["low"], reader.read(tokens[0], 1)["low"]
         assert not np.allclose(a, b)

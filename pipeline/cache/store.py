@@ -90,6 +90,13 @@ def decode_maps(stored: np.ndarray, dtype: str) -> np.ndarray:
     return stored.astype(np.float32, copy=False)
 
 
+def stored_tensor(stored: np.ndarray, dtype: str) -> torch.Tensor:
+    """A stored array -> a torch tensor of the cache's precision, sharing its memory (bfloat16 is
+    stored as its raw 16 bits)."""
+    t = torch.from_numpy(np.ascontiguousarray(stored))
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
 def create_cache_group(uri: str, layout: CacheLayout, fingerprint: Mapping[str, Any], dtype: str,
                        compressor_name: str) -> zarr.Group:
     """Create the group and every array (on the driver, before any writer starts; DESIGN §3.4)."""

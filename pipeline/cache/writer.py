@@ -61,16 +61,19 @@ from pipeline.sample import Sample
 from pipeline.storage import is_url
 from pipeline.train_loop import to_device
 
-def default_tile(grid: BEVGrid) -> int:
-    """Chunk tile size (cells): 32, or half the map's shorter side when that is smaller (at least 8):
-    the paper's 180x180 map gets 32-cell tiles of 19.2 m (6 x 6 tiles), the tiny 64x64 map 32-cell
-    tiles of 51.2 m (2 x 2).
+def default_tile(grid: BEVGrid, storage: str = "dense") -> int:
+    """Chunk tile size (cells) of a storage mode.
 
-    Every chunk read costs Zarr a fixed overhead (~0.25-0.5 ms on one core), so small tiles make
-    random reads slow: a tiny-preset sample's four maps read in ~69 ms with 8-cell tiles, ~18 ms
-    with 16 and ~7 ms with 32 (bench_cache.py), and a student's DataLoader worker pays that per
-    sample; foreground storage keeps fewer cells with smaller tiles (pass --tile for that).
+    dense: the whole map, one chunk per map per row. Every chunk read costs Zarr a fixed overhead
+    (~0.25-0.5 ms on one core) and a student always reads whole rows, so dense storage gains
+    nothing from tiles: a tiny-preset sample reads in ~69 ms with 8-cell tiles, ~18 ms with 16, ~7
+    with 32 and ~4.5 with whole maps (bench_cache.py).
+    foreground: 32 cells, or half the map's shorter side when that is smaller (at least 8): only
+    tiles that touch a box are stored, so tiles must be small enough to leave some out (the paper's
+    180x180 map gets 6 x 6 tiles of 19.2 m, 35 % of them kept); pass --tile to trade reads for bytes.
     """
+    if storage == "dense":
+        return int(max(grid.H, grid.W))
     return int(min(32, max(8, min(grid.H, grid.W) // 2)))
 
 
@@ -313,7 +316,7 @@ def plan_cache(teacher_path: str, dataroot: str, version: str, split: str, uri: 
     if not tokens:
         raise CacheError(f"split {split} of {dataroot} has no samples")
     grid = model.grid
-    tile = default_tile(grid) if tile is None else int(tile)
+    tile = default_tile(grid, storage) if tile is None else int(tile)
     layout = CacheLayout(num_samples=len(tokens), views=views, shard_samples=shard_samples, tile=tile,
                          height=grid.H, width=grid.W,
                          channels=map_channels(channel_layout(model.low_channels, model.high_channels)))

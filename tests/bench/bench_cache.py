@@ -142,10 +142,11 @@ def tile_reads(teacher_path: Path, root: Path, out: Path, samples: int = 8) -> d
     """Random-read samples/s of a dense float16 cache per chunk tile size (the per-chunk cost)."""
     rates = {}
     runner, inputs = None, None
-    for tile in (8, 16, 32):
+    for tile in (8, 16, 32, None):  # None: dense storage's default, the whole map
         uri = str(out / f"tile{tile}")
         job, fp = plan_cache(str(teacher_path), str(root), VERSION, SPLIT, uri, 1, "dense", "float16", samples,
                              tile=tile)
+        tile = job.cache_layout.tile
         store.create_cache_group(uri, job.cache_layout, fp, "float16", store.DEFAULT_COMPRESSOR)
         if runner is None:
             runner = TeacherRunner(job)
@@ -223,7 +224,7 @@ def main() -> None:
                                                                     for t, r in tiles.items()))
     from pipeline.cache.writer import default_tile
 
-    nus_tile = default_tile(BEVGrid.from_config(load_config("nuscenes")["grid"]))
+    nus_tile = default_tile(BEVGrid.from_config(load_config("nuscenes")["grid"]), "foreground")
     fg = nuscenes_foreground_fraction(root, nus_tile)
     dense16 = sizes["dense/float16"]["bytes_per_sample"]
     ratio16 = raw32 / dense16
