@@ -6,7 +6,6 @@ the missing, unexpected and mis-shaped keys and refuses.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 from pathlib import Path
 from typing import Any, Mapping
@@ -83,4 +82,4 @@ def file_sha256(path: str | Path) -> str:
     """Hex SHA-256 of a file, local or at a URL (teacher identity in cache fingerprints)."""
     from pipeline import storage
 
-    return hashlib.sha256(storage.read_bytes(path)).hexdigest()
+    return storage.sha256(path)

@@ -90,6 +90,18 @@ def read_bytes(path: str | os.PathLike) -> bytes:
         return f.read()
 
 
+def sha256(path: str | os.PathLike, block: int = 8 << 20) -> str:
+    """Hex SHA-256 of a file at a local path or URL, read in blocks (a large model is never held whole)."""
+    import hashlib
+
+    fs, inner = filesystem(path)
+    digest = hashlib.sha256()
+    with fs.open_input_stream(inner) as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write a file at a local path or URL (local writes go through a temporary file and a rename)."""
     if not is_url(path):

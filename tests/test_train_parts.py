@@ -2,9 +2,11 @@
 the metrics log, storage paths, config comparison."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -89,6 +91,9 @@ def test_storage_paths_for_local_folders_and_urls(tmp_path):
         storage.parent_and_name("s3://bucket")
     storage.write_bytes(tmp_path / "x" / "f.json", json.dumps({"a": 1}).encode())
     assert storage.exists(tmp_path / "x" / "f.json") and json.loads(storage.read_bytes(tmp_path / "x" / "f.json")) == {"a": 1}
+    blob = np.random.default_rng(0).bytes(10_000)  # hashed in blocks smaller than the file, and a partial last one
+    storage.write_bytes(tmp_path / "blob", blob)
+    assert storage.sha256(tmp_path / "blob", block=4096) == hashlib.sha256(blob).hexdigest()
 
 
 def test_diff_keys_names_nested_differences():
