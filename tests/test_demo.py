@@ -1,5 +1,5 @@
-"""The demo's result tables (the demo itself runs in `make demo`, not in the test suite)."""
-from stages.demo import format_seed_table
+"""The demo's result tables and step times (the demo itself runs in `make demo`, not in the test suite)."""
+from stages.demo import StepTimes, format_seed_table
 
 
 def test_seed_table_reports_each_seed_and_the_mean_and_sample_spread():
@@ -11,3 +11,13 @@ def test_seed_table_reports_each_seed_and_the_mean_and_sample_spread():
     # mean and sample standard deviation (ddof=1): mAP 0.2 +- 0.1414, NDS 0.4 +- 0.2828
     assert lines[4] == "| **baseline** | mean +- std over 2 | **0.2000 +- 0.1414** | **0.4000 +- 0.2828** |"
     assert lines[6] == "| **student** | mean +- std over 1 | **0.5000 +- 0.0000** | **0.5000 +- 0.0000** |"
+
+
+def test_a_reused_step_reports_the_time_it_took_when_it_ran(tmp_path):
+    times = StepTimes(tmp_path / "timings.json")
+    assert times.record("train teacher", 290.0, reused=False) == 290.0
+    again = StepTimes(tmp_path / "timings.json")  # a later demo run that finds the model trained
+    assert again.record("train teacher", 0.4, reused=True) == 290.0
+    assert again.record("cache", 3.0, reused=True) == 3.0  # no record of it: this run's time is all there is
+    assert again.record("train teacher", 250.0, reused=False) == 250.0  # trained again: the new time is kept
+    assert StepTimes(tmp_path / "timings.json").seconds["train teacher"] == 250.0
