@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     ap.add_argument("--shard-samples", type=int, default=8, help="samples per shard (the unit of writing)")
     ap.add_argument("--tile", type=int, default=None,
-                    help="chunk tile size in BEV cells, the unit of reading (default: about 4 tiles across, 8-32 cells)")
+                    help="chunk tile size in BEV cells, the unit of reading (default: the whole map for dense storage, "
+                         "half the map's shorter side within 8-32 cells for foreground)")
     ap.add_argument("--compressor", default=store.DEFAULT_COMPRESSOR, choices=store.COMPRESSORS,
                     help="chunk compressor (default: %(default)s, chosen by tests/bench/bench_cache.py)")
     ap.add_argument("--overwrite", action="store_true", help="replace a cache built with other settings")

@@ -12,7 +12,10 @@ matrix:
 
 Maps are chunked in (1 row, all channels, tile x tile cells) and sharded in whole groups of
 `shard_samples` samples (all their views, the full map): a shard is the unit of writing, a
-chunk (one tile of one view) the unit of reading. All-zero chunks are never stored.
+chunk (one tile of one view) the unit of reading. All-zero chunks are never stored. Dense caches
+default to one tile the size of the map (a student reads whole rows and every chunk read has a
+fixed cost); foreground caches to smaller tiles, so that tiles away from objects can be left out
+(`writer.default_tile`).
 
 The fingerprint (group attribute) names everything that changes what the cache holds; a cache is
 reused only for an identical fingerprint, and a student checks the parts that must match its own
