@@ -108,6 +108,13 @@ def test_same_command_reuses_the_cache(caches, tiny_teacher, nusc_root):
     again = build(tiny_teacher, nusc_root, uri, views=2)
     assert again.shards_written == 0 and again.shards_skipped == 3 and again.bytes == summary.bytes
     assert store.read_markers(str(uri)) == before
+    # A cache built with another tile than today's default is reused when --tile is not given
+    # (8-cell tiles here; the foreground default on this grid is 32).
+    fg_uri, fg = caches["fg2"]
+    kept = build(tiny_teacher, nusc_root, fg_uri, views=2, storage="foreground")
+    assert kept.shards_written == 0 and kept.bytes == fg.bytes
+    with pytest.raises(CacheMismatchError, match="layout.tile"):  # an explicit other tile is another cache
+        build(tiny_teacher, nusc_root, fg_uri, views=2, storage="foreground", tile=16)
 
 
 @pytest.mark.slow

@@ -301,7 +301,12 @@ class CacheSummary:
 def plan_cache(teacher_path: str, dataroot: str, version: str, split: str, uri: str, views: int, storage: str,
                dtype: str, shard_samples: int, tile: int | None = None,
                view_seed: int = DEFAULT_VIEW_SEED) -> tuple[CacheJob, dict[str, Any]]:
-    """Check the inputs and work out the cache's layout and fingerprint (nothing is written)."""
+    """Check the inputs and work out the cache's layout and fingerprint (nothing is written).
+
+    Without `tile`, a cache already at `uri` keeps its own tile: the default changed between
+    versions (dense: 32 cells -> the whole map), and a finished cache must not look foreign for
+    a layout choice that does not change what it holds.
+    """
     if storage not in STORAGE_MODES:
         raise ValueError(f"--storage {storage!r} is not one of {STORAGE_MODES}")
     if dtype not in DTYPES:
@@ -316,7 +321,9 @@ def plan_cache(teacher_path: str, dataroot: str, version: str, split: str, uri: 
     if not tokens:
         raise CacheError(f"split {split} of {dataroot} has no samples")
     grid = model.grid
-    tile = default_tile(grid, storage) if tile is None else int(tile)
+    if tile is None:
+        tile = existing_tile(uri) or default_tile(grid, storage)
+    tile = int(tile)
     layout = CacheLayout(num_samples=len(tokens), views=views, shard_samples=shard_samples, tile=tile,
                          height=grid.H, width=grid.W,
                          channels=map_channels(channel_layout(model.low_channels, model.high_channels)))
@@ -327,6 +334,17 @@ def plan_cache(teacher_path: str, dataroot: str, version: str, split: str, uri: 
                    dataroot=str(Path(dataroot).resolve()), version=version, split=split, layout=layout.to_dict(),
                    storage=storage, dtype=dtype, view_seed=view_seed, tokens=tuple(tokens))
     return job, fingerprint
+
+
+def existing_tile(uri: str) -> int | None:
+    """The chunk tile of a cache already at `uri`, or None where there is none."""
+    try:
+        if not store.group_exists(uri):
+            return None
+        layout = store.open_cache_group(uri, mode="r").attrs.get("layout")
+    except OSError:  # unreachable storage: prepare_store reports it
+        return None
+    return int(layout["tile"]) if isinstance(layout, Mapping) and "tile" in layout else None
 
 
 def prepare_store(job: CacheJob, fingerprint: Mapping[str, Any], compressor_name: str, overwrite: bool) -> set[int]:
