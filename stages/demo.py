@@ -63,9 +63,10 @@ class StepTimes:
         self.seconds: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
 
     def record(self, name: str, seconds: float, reused: bool) -> float:
-        """The step's time: `seconds` when it ran now, else the time stored when it ran."""
-        if reused and name in self.seconds:
-            return self.seconds[name]
+        """The step's time: `seconds` when it ran now, else the time stored when it ran (a step
+        finished before times were kept has none: the seconds of reuse are all there is)."""
+        if reused:
+            return self.seconds.get(name, seconds)
         self.seconds[name] = round(seconds, 1)
         self.path.write_text(json.dumps(self.seconds, indent=1) + "\n")
         return seconds

@@ -19,5 +19,6 @@ def test_a_reused_step_reports_the_time_it_took_when_it_ran(tmp_path):
     again = StepTimes(tmp_path / "timings.json")  # a later demo run that finds the model trained
     assert again.record("train teacher", 0.4, reused=True) == 290.0
     assert again.record("cache", 3.0, reused=True) == 3.0  # no record of it: this run's time is all there is
+    assert "cache" not in again.seconds  # ... and it is not kept as the step's time
     assert again.record("train teacher", 250.0, reused=False) == 250.0  # trained again: the new time is kept
     assert StepTimes(tmp_path / "timings.json").seconds["train teacher"] == 250.0
