@@ -115,6 +115,9 @@ def test_same_command_reuses_the_cache(caches, tiny_teacher, nusc_root):
     assert kept.shards_written == 0 and kept.bytes == fg.bytes
     with pytest.raises(CacheMismatchError, match="layout.tile"):  # an explicit other tile is another cache
         build(tiny_teacher, nusc_root, fg_uri, views=2, storage="foreground", tile=16)
+    with pytest.raises(CacheMismatchError) as other:  # another cache: its --overwrite would get the default tile
+        build(tiny_teacher, nusc_root, fg_uri, views=2, storage="dense")
+    assert "layout.tile" in other.value.fields and "storage" in other.value.fields
 
 
 @pytest.mark.slow

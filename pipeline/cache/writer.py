@@ -36,7 +36,7 @@ import re
 import socket
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -303,9 +303,9 @@ def plan_cache(teacher_path: str, dataroot: str, version: str, split: str, uri: 
                view_seed: int = DEFAULT_VIEW_SEED) -> tuple[CacheJob, dict[str, Any]]:
     """Check the inputs and work out the cache's layout and fingerprint (nothing is written).
 
-    Without `tile`, a cache already at `uri` keeps its own tile: the default changed between
-    versions (dense: 32 cells -> the whole map), and a finished cache must not look foreign for
-    a layout choice that does not change what it holds.
+    Without `tile`, a cache already at `uri` that differs only in its tile keeps it: the default
+    changed between versions (dense: 32 cells -> the whole map), and a finished cache must not
+    look foreign for a layout choice that does not change what it holds.
     """
     if storage not in STORAGE_MODES:
         raise ValueError(f"--storage {storage!r} is not one of {STORAGE_MODES}")
@@ -321,14 +321,15 @@ def plan_cache(teacher_path: str, dataroot: str, version: str, split: str, uri: 
     if not tokens:
         raise CacheError(f"split {split} of {dataroot} has no samples")
     grid = model.grid
-    if tile is None:
-        tile = existing_tile(uri) or default_tile(grid, storage)
-    tile = int(tile)
-    layout = CacheLayout(num_samples=len(tokens), views=views, shard_samples=shard_samples, tile=tile,
-                         height=grid.H, width=grid.W,
+    layout = CacheLayout(num_samples=len(tokens), views=views, shard_samples=shard_samples,
+                         tile=default_tile(grid, storage) if tile is None else int(tile), height=grid.H, width=grid.W,
                          channels=map_channels(channel_layout(model.low_channels, model.high_channels)))
     fingerprint = cache_fingerprint(teacher_path, cfg, model.low_channels, model.high_channels, version, split,
                                     tokens, layout, storage, dtype, view_seed)
+    have = existing_fingerprint(uri) if tile is None else None
+    if have is not None and differing_fields(have, fingerprint) == ["layout.tile"]:
+        layout = replace(layout, tile=int(have["layout"]["tile"]))
+        fingerprint = {**fingerprint, "layout": {**fingerprint["layout"], "tile": layout.tile}}
     teacher_path = teacher_path if is_url(teacher_path) else str(Path(teacher_path).resolve())
     job = CacheJob(uri=str(uri), teacher_path=teacher_path,
                    dataroot=str(Path(dataroot).resolve()), version=version, split=split, layout=layout.to_dict(),
@@ -336,15 +337,14 @@ def plan_cache(teacher_path: str, dataroot: str, version: str, split: str, uri: 
     return job, fingerprint
 
 
-def existing_tile(uri: str) -> int | None:
-    """The chunk tile of a cache already at `uri`, or None where there is none."""
+def existing_fingerprint(uri: str) -> dict[str, Any] | None:
+    """The fingerprint of a cache already at `uri`, or None where there is none."""
     try:
         if not store.group_exists(uri):
             return None
-        layout = store.open_cache_group(uri, mode="r").attrs.get("layout")
+        return dict(store.open_cache_group(uri, mode="r").attrs.get("fingerprint", {})) or None
     except OSError:  # unreachable storage: prepare_store reports it
         return None
-    return int(layout["tile"]) if isinstance(layout, Mapping) and "tile" in layout else None
 
 
 def prepare_store(job: CacheJob, fingerprint: Mapping[str, Any], compressor_name: str, overwrite: bool) -> set[int]:
