@@ -130,7 +130,7 @@ def caches(ray_cluster, tiny_teacher, nusc_root, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("caches")
     out = {}
-    # fg2 with 8-cell tiles (the foreground default on this 64x64 grid is 32): small tiles show foreground storage's saving.
+    # fg2 with 8-cell tiles (the foreground default on this 64x64 grid is 32): they show foreground storage's saving.
     for name, kw in (("dense1", {}), ("dense2", {"views": 2}),
                      ("fg2", {"views": 2, "storage": "foreground", "tile": 8})):
         out[name] = (root / name, build_cache(str(tiny_teacher), str(nusc_root), "v1.0-mini", "mini_val",
