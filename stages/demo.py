@@ -142,9 +142,9 @@ def main(argv: list[str] | None = None) -> None:
         baseline, t_base = train("camera_baseline", BASELINE)
         evaluate("camera baseline", baseline, t_base, BASELINE[0])
         cache = str(out / "caches" / "lidar_teacher_mini_train")
-        summary, t_cache = step("cache the teacher's targets", build_cache, teacher, str(root), VERSION, TRAIN, cache,
-                                views=CACHE_VIEWS, storage="foreground", shard_samples=8)
-        t_cache = timings.record("cache", t_cache, reused=summary.shards_written == 0)
+        cached, t_cache = step("cache the teacher's targets", build_cache, teacher, str(root), VERSION, TRAIN, cache,
+                               views=CACHE_VIEWS, storage="foreground", shard_samples=8)
+        t_cache = timings.record("cache", t_cache, reused=cached.shards_written == 0)
         cfg = load_config(*STUDENT)
         tokens = [r["token"] for r in load_index(root, VERSION, TRAIN)]
         loop, identity = plan_student(cfg, VERSION, TRAIN, tokens, cache=cache)

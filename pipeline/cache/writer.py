@@ -326,7 +326,10 @@ def plan_cache(teacher_path: str, dataroot: str, version: str, split: str, uri: 
                          channels=map_channels(channel_layout(model.low_channels, model.high_channels)))
     fingerprint = cache_fingerprint(teacher_path, cfg, model.low_channels, model.high_channels, version, split,
                                     tokens, layout, storage, dtype, view_seed)
-    have = existing_fingerprint(uri) if tile is None else None
+    try:
+        have = existing_fingerprint(uri) if tile is None else None
+    except OSError:  # unreachable storage: prepare_store reports it
+        have = None
     if have is not None and differing_fields(have, fingerprint) == ["layout.tile"]:
         layout = replace(layout, tile=int(have["layout"]["tile"]))
         fingerprint = {**fingerprint, "layout": {**fingerprint["layout"], "tile": layout.tile}}
@@ -338,20 +341,17 @@ def plan_cache(teacher_path: str, dataroot: str, version: str, split: str, uri: 
 
 
 def existing_fingerprint(uri: str) -> dict[str, Any] | None:
-    """The fingerprint of a cache already at `uri`, or None where there is none."""
-    try:
-        if not store.group_exists(uri):
-            return None
-        return dict(store.open_cache_group(uri, mode="r").attrs.get("fingerprint", {})) or None
-    except OSError:  # unreachable storage: prepare_store reports it
+    """The fingerprint of the cache group at `uri` ({} for a group without one), or None where there
+    is no group."""
+    if not store.group_exists(uri):
         return None
+    return dict(store.open_cache_group(uri, mode="r").attrs.get("fingerprint", {}))
 
 
 def prepare_store(job: CacheJob, fingerprint: Mapping[str, Any], compressor_name: str, overwrite: bool) -> set[int]:
     """Create the cache, or check an existing one; return the shards already durable."""
-    if store.group_exists(job.uri):
-        group = store.open_cache_group(job.uri, mode="r")
-        have = dict(group.attrs.get("fingerprint", {}))
+    have = existing_fingerprint(job.uri)
+    if have is not None:
         differ = differing_fields(have, fingerprint)
         if not differ:
             return set(store.read_markers(job.uri))
