@@ -254,8 +254,10 @@ def train_steps(model: BEVDetector, batch: Mapping[str, Any], steps: int, lr: fl
 
 # (steps, peak lr) per modality, measured on 2 CPU cores: camera reaches AP ~0.94-0.97 in 250
 # steps (~0.12 s each); LiDAR and fusion learn more slowly from the sparse LiDAR map and need 300
-# steps (~0.3 s each) for AP 0.93-0.99 (with 200-250 steps: 0.45-0.95).
-OVERFIT = {"lidar": (300, 5e-3), "camera": (250, 5e-3), "fusion": (300, 5e-3)}
+# steps (~0.3 s each) for AP 0.93-0.99 (with 200-250 steps: 0.45-0.95). Training on CPU is not
+# bit-reproducible run to run; fusion at 300 steps once gave 0.898 on one sample (0.926 on a re-run),
+# so it gets 350 (AP 0.933 / 0.965).
+OVERFIT = {"lidar": (300, 5e-3), "camera": (250, 5e-3), "fusion": (350, 5e-3)}
 
 
 @pytest.mark.slow
