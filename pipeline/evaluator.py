@@ -18,7 +18,7 @@ import numpy as np
 from models.checkpoint import CheckpointError, read_model_file
 from pipeline import nusc_db
 from pipeline.config import diff_keys, load_config
-from pipeline.evaluation import evaluate_results, format_metrics_table
+from pipeline.evaluation import describe_detection_config, detection_config, evaluate_results, format_metrics_table
 from pipeline.grid import BEVGrid
 from pipeline.index import load_index
 from pipeline.inference import eval_dataset, predict_split
@@ -85,8 +85,9 @@ def evaluate_model(model_path: str | Path, dataroot: str | Path, version: str, s
     print(f"[evaluate] wrote {results_path} ({sum(map(len, results.values()))} boxes, {len(results)} samples)")
     if split == "test":
         return None
-    summary = evaluate_results(dataroot, version, split, results_path, out, render_curves=render)
-    table = format_metrics_table(summary)
+    config = detection_config(cfg.get("eval"))
+    summary = evaluate_results(dataroot, version, split, results_path, out, render_curves=render, config=config)
+    table = format_metrics_table(summary) + "\n" + describe_detection_config(config)
     (out / "metrics_table.txt").write_text(table + "\n")
     print(table)
     if render:
