@@ -4,6 +4,11 @@ BEVDepth-style LSS without depth supervision (spec §3.3): a 1x1 depth net predi
 pixel, a softmax over D depth bins and C context channels; their outer product is "lifted" onto a
 frustum of 3D points, which are taken to the (BEV-augmented) LiDAR frame through the sample's
 matrices (pipeline/sample.py) and sum-pooled onto the BEVGrid's x/y cells with one z bin.
+
+Mixed precision: the backbone, neck and depth net run under the caller's autocast; the frustum
+geometry (ray matmuls and matrix inverses, where half precision costs centimetres at 50 m) and
+the voxel pooling run in float32 with autocast disabled, on float32 depth probabilities and
+context, so the BEV map leaves the encoder in float32 whatever the autocast dtype.
 """
 from __future__ import annotations
 
@@ -82,26 +87,30 @@ def voxel_pool(grid: BEVGrid, geom: torch.Tensor, depth: torch.Tensor, context: 
         depth: [B, N, D, h, w] depth probabilities.
         context: [B, N, h, w, C] context features of each pixel.
     The feature of point (b, n, d, i, j) is depth[b, n, d, i, j] * context[b, n, i, j]; points
-    outside the grid's x, y or z range are dropped.
+    outside the grid's x, y or z range are dropped. Half-precision depth or context (autocast) is
+    pooled in float32: sums of thousands of frustum points per cell lose digits in float16/bfloat16.
 
-    Returns: [B, C, H, W], rows = y, cols = x.
+    Returns: [B, C, H, W] in float32 (float64 if an input is float64), rows = y, cols = x.
     """
     b, n, d, h, w, _ = geom.shape
     c = context.shape[-1]
     if depth.shape != geom.shape[:-1] or context.shape != (b, n, h, w, c):
         raise ValueError(f"voxel_pool: geom {tuple(geom.shape)}, depth {tuple(depth.shape)} and context "
                          f"{tuple(context.shape)} do not match [B, N, D, h, w, 3] / [B, N, D, h, w] / [B, N, h, w, C]")
-    z_min, z_max = grid.point_cloud_range[2], grid.point_cloud_range[5]
-    cell = torch.floor(grid.metric_to_cell(geom[..., :2])).long()  # [B, N, D, h, w, 2] (col, row)
-    z = geom[..., 2]
-    keep = ((cell[..., 0] >= 0) & (cell[..., 0] < grid.W) & (cell[..., 1] >= 0) & (cell[..., 1] < grid.H)
-            & (z >= z_min) & (z < z_max))  # [B, N, D, h, w]
-    batch_idx = torch.arange(b, device=geom.device).view(b, 1, 1, 1, 1).expand_as(keep)
-    pixel_idx = torch.arange(b * n * h * w, device=geom.device).view(b, n, 1, h, w).expand_as(keep)
-    cell_id = (batch_idx * grid.H + cell[..., 1]) * grid.W + cell[..., 0]  # [B, N, D, h, w]
-    feats = depth[keep].unsqueeze(1) * context.reshape(-1, c)[pixel_idx[keep]]  # [K, C]
-    out = context.new_zeros(b * grid.H * grid.W, c).index_add_(0, cell_id[keep], feats)
-    return out.view(b, grid.H, grid.W, c).permute(0, 3, 1, 2).contiguous()
+    dtype = torch.promote_types(torch.promote_types(depth.dtype, context.dtype), torch.float32)
+    with torch.autocast(device_type=geom.device.type, enabled=False):
+        depth, context = depth.to(dtype), context.to(dtype)
+        z_min, z_max = grid.point_cloud_range[2], grid.point_cloud_range[5]
+        cell = torch.floor(grid.metric_to_cell(geom[..., :2])).long()  # [B, N, D, h, w, 2] (col, row)
+        z = geom[..., 2]
+        keep = ((cell[..., 0] >= 0) & (cell[..., 0] < grid.W) & (cell[..., 1] >= 0) & (cell[..., 1] < grid.H)
+                & (z >= z_min) & (z < z_max))  # [B, N, D, h, w]
+        batch_idx = torch.arange(b, device=geom.device).view(b, 1, 1, 1, 1).expand_as(keep)
+        pixel_idx = torch.arange(b * n * h * w, device=geom.device).view(b, n, 1, h, w).expand_as(keep)
+        cell_id = (batch_idx * grid.H + cell[..., 1]) * grid.W + cell[..., 0]  # [B, N, D, h, w]
+        feats = depth[keep].unsqueeze(1) * context.reshape(-1, c)[pixel_idx[keep]]  # [K, C]
+        out = feats.new_zeros(b * grid.H * grid.W, c).index_add_(0, cell_id[keep], feats)  # typed from the features
+        return out.view(b, grid.H, grid.W, c).permute(0, 3, 1, 2).contiguous()
 
 
 class LSSViewTransform(nn.Module):
@@ -149,30 +158,41 @@ class LSSViewTransform(nn.Module):
 
         p_src = ida^-1 [u, v, 1];  p_cam = d K^-1 p_src;  p = bda cam2lidar [p_cam, 1]
         (intrinsics, ida [B, N, 3, 3]; cam2lidar [B, N, 4, 4]; bda [B, 4, 4]).
+        Computed in float32 (float64 for float64 matrices) with autocast disabled: under CUDA
+        autocast the matmuls would run in float16 (~1e-3 relative: centimetres at 50 m).
         """
         b, n = intrinsics.shape[:2]
         for name, t, shape in (("intrinsics", intrinsics, (b, n, 3, 3)), ("ida", ida, (b, n, 3, 3)),
                                ("cam2lidar", cam2lidar, (b, n, 4, 4)), ("bda", bda, (b, 4, 4))):
             if tuple(t.shape) != shape:
                 raise ValueError(f"camera geometry: {name} has shape {tuple(t.shape)}, expected {shape}")
-        frustum = self.frustum(feat_hw, image_hw)  # [D, h, w, 3]
-        pix = torch.cat([frustum[0, ..., :2], torch.ones_like(frustum[0, ..., :1])], dim=-1)  # [h, w, 3]
-        to_aug = bda.unsqueeze(1) @ cam2lidar  # [B, N, 4, 4]
-        ray_mat = to_aug[..., :3, :3] @ torch.linalg.inv(intrinsics) @ torch.linalg.inv(ida)  # [B, N, 3, 3]
-        rays = torch.einsum("bnij,hwj->bnhwi", ray_mat, pix)  # [B, N, h, w, 3], camera z = 1
-        origin = to_aug[..., :3, 3].view(b, n, 1, 1, 1, 3)
-        return self.depths.view(1, 1, -1, 1, 1, 1) * rays.unsqueeze(2) + origin  # [B, N, D, h, w, 3]
+        dtype = torch.promote_types(intrinsics.dtype, torch.float32)
+        with torch.autocast(device_type=intrinsics.device.type, enabled=False):
+            intrinsics, cam2lidar, ida, bda = (t.to(dtype) for t in (intrinsics, cam2lidar, ida, bda))
+            frustum = self.frustum(feat_hw, image_hw).to(dtype)  # [D, h, w, 3]
+            pix = torch.cat([frustum[0, ..., :2], torch.ones_like(frustum[0, ..., :1])], dim=-1)  # [h, w, 3]
+            to_aug = bda.unsqueeze(1) @ cam2lidar  # [B, N, 4, 4]
+            ray_mat = to_aug[..., :3, :3] @ torch.linalg.inv(intrinsics) @ torch.linalg.inv(ida)  # [B, N, 3, 3]
+            rays = torch.einsum("bnij,hwj->bnhwi", ray_mat, pix)  # [B, N, h, w, 3], camera z = 1
+            origin = to_aug[..., :3, 3].view(b, n, 1, 1, 1, 3)
+            return self.depths.to(dtype).view(1, 1, -1, 1, 1, 1) * rays.unsqueeze(2) + origin  # [B, N, D, h, w, 3]
 
     def forward(self, feats: torch.Tensor, intrinsics: torch.Tensor, cam2lidar: torch.Tensor, ida: torch.Tensor,
                 bda: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
-        """feats [B * N, C_in, h, w] (cameras of a sample consecutive) -> BEV [B, C, H, W]."""
+        """feats [B * N, C_in, h, w] (cameras of a sample consecutive) -> BEV [B, C, H, W] in float32.
+
+        The depth net runs under the caller's autocast; the depth softmax, geometry and pooling in
+        float32 (the depth logits and context are cast up first), with autocast disabled.
+        """
         b, n = intrinsics.shape[:2]
         h, w = feats.shape[-2:]
-        x = self.depth_net(feats)  # [B * N, D + C, h, w]
-        depth = x[:, :self.num_depth_bins].softmax(dim=1).view(b, n, -1, h, w)  # [B, N, D, h, w]
-        context = x[:, self.num_depth_bins:].view(b, n, self.out_channels, h, w).permute(0, 1, 3, 4, 2)
-        geom = self.geometry(intrinsics, cam2lidar, ida, bda, (h, w), image_hw)
-        return voxel_pool(self.grid, geom, depth, context)
+        x = self.depth_net(feats)  # [B * N, D + C, h, w], half precision under autocast
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.to(torch.promote_types(x.dtype, torch.float32))
+            depth = x[:, :self.num_depth_bins].softmax(dim=1).view(b, n, -1, h, w)  # [B, N, D, h, w]
+            context = x[:, self.num_depth_bins:].view(b, n, self.out_channels, h, w).permute(0, 1, 3, 4, 2)
+            geom = self.geometry(intrinsics, cam2lidar, ida, bda, (h, w), image_hw)  # [B, N, D, h, w, 3]
+            return voxel_pool(self.grid, geom, depth, context)  # [B, C, H, W]
 
 
 class CameraEncoder(nn.Module):
@@ -182,7 +202,10 @@ class CameraEncoder(nn.Module):
         grid: the detector's BEVGrid.
         resnet_depth: 18 or 50 (paper: 50).
         resnet_width: ResNet base width (64 = torchvision; smaller for the tiny preset).
-        pretrained: path of a torchvision ImageNet ResNet state-dict file, or None (random init).
+        pretrained: a torchvision ImageNet ResNet state-dict file (local path or fsspec URL), or
+            None (random init). Training the nuscenes camera/fusion presets requires it
+            (pipeline.trainer.check_pretrained_backbone).
+        frozen_stem: freeze the ResNet stem (conv1 + bn1, bn1 in eval mode) as the original does.
         neck_channels: SECOND-FPN channels per level (paper: 128, concatenated to 512).
         neck_strides: SECOND-FPN upsample stride per ResNet level (paper: 0.25, 0.5, 1, 2).
         d_bound: depth bins (start, stop, step) in metres (paper: 2, 58, 0.5 -> 112 bins).
@@ -194,11 +217,12 @@ class CameraEncoder(nn.Module):
     def __init__(self, grid: BEVGrid, resnet_depth: int = 50, resnet_width: int = 64,
                  pretrained: str | Path | None = None, neck_channels: int = 128,
                  neck_strides: Sequence[float] = (0.25, 0.5, 1, 2),
-                 d_bound: Sequence[float] = (2.0, 58.0, 0.5), out_channels: int = 256) -> None:
+                 d_bound: Sequence[float] = (2.0, 58.0, 0.5), out_channels: int = 256,
+                 frozen_stem: bool = False) -> None:
         super().__init__()
         self.grid = grid
         self.out_channels = out_channels
-        self.backbone = ResNet(resnet_depth, resnet_width)
+        self.backbone = ResNet(resnet_depth, resnet_width, frozen_stem=frozen_stem)
         if pretrained is not None:
             load_pretrained(self.backbone, pretrained)
         self.neck = SECONDFPN(self.backbone.out_channels, neck_channels, neck_strides)

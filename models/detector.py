@@ -140,7 +140,12 @@ def load_detector(path: str | Path, device: torch.device | str | None = None,
     if expect_grid is not None and BEVGrid.from_config(cfg["grid"]) != expect_grid:
         raise CheckpointError(f"model file {path}: built for grid {cfg['grid']}, expected {expect_grid.to_dict()}")
     # Built on the target device so that the sparse convs pick that device's algorithm; the
-    # weights are layout-compatible between algorithms (DESIGN §5).
-    model = build_detector(cfg, device=device or "cpu")
+    # weights are layout-compatible between algorithms (DESIGN §5). The backbone's ImageNet file
+    # (model.camera_encoder.pretrained) is not read again: the model file's weights replace it,
+    # and that path need not exist where the model is used.
+    build_cfg = dict(cfg)
+    if (cfg["model"].get("camera_encoder") or {}).get("pretrained") is not None:
+        build_cfg["model"] = {**cfg["model"], "camera_encoder": {**cfg["model"]["camera_encoder"], "pretrained": None}}
+    model = build_detector(build_cfg, device=device or "cpu")
     load_state_dict_strict(model, payload["state_dict"], f"model file {path}")
     return model, cfg

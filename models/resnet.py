@@ -7,8 +7,9 @@ loads with `load_pretrained`.
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -82,11 +83,15 @@ class ResNet(nn.Module):
             same architecture at reduced width (pretrained weights need 64).
         num_classes: if given, adds torchvision's avgpool + `fc` classifier (not used by `forward`),
             so that a state dict with `fc.*` round-trips.
+        frozen_stem: freeze the stem as the original does (mmdet `frozen_stages=0`): conv1 and bn1
+            get no gradients and bn1 stays in eval mode (running statistics kept) even when the
+            network is put in train mode. Meant for ImageNet-initialised backbones.
 
     Returns (forward): list of 4 tensors [B, c_k, h / s_k, w / s_k], c_k = base_width * 2^k * expansion.
     """
 
-    def __init__(self, depth: int = 50, base_width: int = 64, num_classes: int | None = None) -> None:
+    def __init__(self, depth: int = 50, base_width: int = 64, num_classes: int | None = None,
+                 frozen_stem: bool = False) -> None:
         super().__init__()
         if depth not in ARCHS:
             raise ValueError(f"ResNet: depth must be one of {sorted(ARCHS)}, got {depth}")
@@ -108,6 +113,18 @@ class ResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        self.frozen_stem = bool(frozen_stem)
+        if self.frozen_stem:
+            for p in (*self.conv1.parameters(), *self.bn1.parameters()):
+                p.requires_grad_(False)
+            self.bn1.eval()
+
+    def train(self, mode: bool = True) -> "ResNet":
+        """Set train/eval mode; a frozen stem's bn1 stays in eval mode."""
+        super().train(mode)
+        if self.frozen_stem:
+            self.bn1.eval()
+        return self
 
     def _make_layer(self, block: type[BasicBlock] | type[Bottleneck], planes: int, blocks: int,
                     stride: int) -> nn.Sequential:
@@ -129,16 +146,35 @@ class ResNet(nn.Module):
         return feats
 
 
+def read_weights_file(path: str | Path) -> Any:
+    """torch.load a weights file from a local path or an fsspec URL (s3://, gs://, https://, file://).
+
+    Loaded with weights_only=True (tensors and containers, no pickled code) onto the CPU.
+    """
+    text = str(path)
+    if "://" not in text:
+        local = Path(text).expanduser()
+        if not local.is_file():
+            raise FileNotFoundError(f"pretrained ResNet weights {text}: no such file")
+        return torch.load(local, map_location="cpu", weights_only=True)
+    import fsspec
+
+    try:
+        with fsspec.open(text, "rb") as f:
+            data = f.read()
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"pretrained ResNet weights {text}: no such file") from e
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
 def load_pretrained(model: ResNet, path: str | Path) -> ResNet:
-    """Load a torchvision-format ResNet state-dict file into `model`, ignoring `fc.*`.
+    """Load a torchvision-format ResNet state-dict file (local path or fsspec URL) into `model`,
+    ignoring `fc.*`.
 
     Raises ValueError naming the file and the missing, unexpected or mis-shaped keys; nothing is
     loaded unless every non-fc parameter and buffer matches.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained ResNet weights {path}: no such file")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_weights_file(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"pretrained ResNet weights {path}: expected a state dict of tensors "
                          f"(torchvision format), got {type(state).__name__}")
