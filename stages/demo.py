@@ -13,11 +13,11 @@ and writes under --out; a second run reuses the dataset, finished runs and the c
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
-from pipeline.synthetic import META_FILE, format_summary, generate, summarize
+from pipeline.experiment import StepTimes, ensure_dataset, format_seed_table
+from pipeline.synthetic import format_summary
 
 DEMO_DATASET = dict(samples_per_scene=10, seed=0)
 VERSION, TRAIN, VAL = "v1.0-mini", "mini_train", "mini_val"
@@ -26,23 +26,6 @@ TEACHER = ("tiny_lidar", [])
 BASELINE = ("tiny_camera", [])
 STUDENT = ("tiny_lidar_to_camera", [])
 CACHE_VIEWS = 4
-
-
-def ensure_dataset(root: Path) -> dict:
-    """Generate the demo dataset under `root` unless a complete one made with the same settings is there.
-
-    The generator writes its settings file last, so a dataset cut off mid-way is regenerated.
-    """
-    meta_path = root / META_FILE
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    if all(meta.get(k) == v for k, v in DEMO_DATASET.items()):
-        print(f"[demo] dataset: reusing {root}")
-        return summarize(root)
-    t0 = time.perf_counter()
-    print(f"[demo] dataset: generating {DEMO_DATASET} into {root} ...")
-    summary = generate(root, **DEMO_DATASET, overwrite=True)
-    print(f"[demo] dataset: done in {time.perf_counter() - t0:.1f} s")
-    return summary
 
 
 def step(name: str, fn, *args, **kwargs):
@@ -54,24 +37,6 @@ def step(name: str, fn, *args, **kwargs):
     return result, time.perf_counter() - t0
 
 
-class StepTimes:
-    """Wall times of the demo's training and caching steps, kept in a JSON file so that a re-run
-    that reuses a finished step reports the time it took when it ran, not the seconds of reuse."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.seconds: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
-
-    def record(self, name: str, seconds: float, reused: bool) -> float:
-        """The step's time: `seconds` when it ran now, else the time stored when it ran (a step
-        finished before times were kept has none: the seconds of reuse are all there is)."""
-        if reused:
-            return self.seconds.get(name, seconds)
-        self.seconds[name] = round(seconds, 1)
-        self.path.write_text(json.dumps(self.seconds, indent=1) + "\n")
-        return seconds
-
-
 def format_table(rows: list[tuple[str, str, dict, float]]) -> str:
     """Markdown table of the demo's models."""
     lines = ["| model | config | mAP | NDS | mATE | mAOE | mAVE | minutes |", "|---|---|---|---|---|---|---|---|"]
@@ -79,22 +44,6 @@ def format_table(rows: list[tuple[str, str, dict, float]]) -> str:
         tp = s["tp_errors"]
         lines.append(f"| {name} | {config} | {s['mean_ap']:.4f} | {s['nd_score']:.4f} | {tp['trans_err']:.3f} | "
                      f"{tp['orient_err']:.3f} | {tp['vel_err']:.3f} | {seconds / 60:.1f} |")
-    return "\n".join(lines)
-
-
-def format_seed_table(runs: dict[str, list[tuple[int, dict]]]) -> str:
-    """Markdown table of mAP / NDS per seed and their mean and standard deviation, per model."""
-    import numpy as np
-
-    lines = ["| model | seed | mAP | NDS |", "|---|---|---|---|"]
-    for name, results in runs.items():
-        for seed, s in results:
-            lines.append(f"| {name} | {seed} | {s['mean_ap']:.4f} | {s['nd_score']:.4f} |")
-        spread = []
-        for key in ("mean_ap", "nd_score"):
-            v = np.array([s[key] for _, s in results])
-            spread.append(f"**{v.mean():.4f} +- {v.std(ddof=1) if len(v) > 1 else 0.0:.4f}**")
-        lines.append(f"| **{name}** | mean +- std over {len(results)} | {spread[0]} | {spread[1]} |")
     return "\n".join(lines)
 
 
@@ -110,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     root = out / "nuscenes"
     root.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    print(format_summary(ensure_dataset(root)))
+    print(format_summary(ensure_dataset(root, DEMO_DATASET, "[demo]")))
     if args.dataset_only:
         return
 
