@@ -28,6 +28,18 @@ def scaled_lr(train_cfg: Mapping[str, Any], global_batch: int) -> float:
     return lr
 
 
+def describe_lr(train_cfg: Mapping[str, Any], global_batch: int) -> str:
+    """One line saying the peak lr a run uses and where it comes from, e.g.
+    'lr 2.00e-04 for a global batch of 4 (given 2.00e-04 at batch 4, linear scaling)'."""
+    lr = scaled_lr(train_cfg, global_batch)
+    given = float(train_cfg["lr"])
+    if train_cfg["lr_scaling"] == "linear":
+        how = f"given {given:.2e} at batch {int(train_cfg['lr_reference_batch'])}, linear scaling"
+    else:
+        how = "train.lr as given, lr_scaling none"
+    return f"lr {lr:.2e} for a global batch of {global_batch} ({how})"
+
+
 def build_optimizer(params: Any, train_cfg: Mapping[str, Any], lr: float) -> torch.optim.Optimizer:
     """AdamW over `params` (an iterable of parameters or of parameter groups)."""
     betas = tuple(float(b) for b in train_cfg["betas"])

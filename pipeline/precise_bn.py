@@ -23,16 +23,20 @@ def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 def recompute_bn_stats(model: nn.Module, batches: Iterable, forward: Callable[[nn.Module, object], object],
                        num_batches: int) -> int:
     """Replace every BatchNorm's running mean and variance by their plain average over `num_batches`
-    training batches (train-mode forwards with the final weights). Returns the batches used."""
-    layers = batchnorm_layers(model)
+    training batches (train-mode forwards with the final weights). Returns the batches used.
+
+    Layers that stay in eval mode when the model is put in train mode (a frozen ResNet stem's bn1)
+    keep their statistics: their forwards would not re-estimate them."""
+    was_training = model.training
+    model.train()
+    layers = [bn for bn in batchnorm_layers(model) if bn.training]
     if not layers or num_batches <= 0:
+        model.train(was_training)
         return 0
     momenta = [bn.momentum for bn in layers]
-    was_training = model.training
     for bn in layers:
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average over the batches seen
-    model.train()
     used = 0
     try:
         for batch in batches:

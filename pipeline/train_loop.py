@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from pipeline import storage
 from pipeline.collate import collate
-from pipeline.optim import build_optimizer, build_scheduler, clip_gradients, scaled_lr
+from pipeline.optim import build_optimizer, build_scheduler, clip_gradients, describe_lr, scaled_lr
 from pipeline.precise_bn import recompute_bn_stats
 from pipeline.run_log import METRICS_FILE, TENSORBOARD_DIR, MetricsLog
 
@@ -179,7 +179,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         log = MetricsLog(log_dir, resume_step=step, print_every=int(tr["log_every"]), prefix="[train] ")
         where = "resuming from epoch %d (step %d)" % (start_epoch, step) if checkpoint else "starting"
         print(f"[train] {where}: {world} worker(s) on {device}, {steps_per_epoch} steps/epoch, "
-              f"global batch {batch_size * world}, peak lr {lr:.2e}", flush=True)
+              f"global batch {batch_size * world}", flush=True)
+        print(f"[train] {describe_lr(tr, batch_size * world)}", flush=True)
 
     epochs = int(tr["epochs"])
     for epoch in range(start_epoch, epochs):

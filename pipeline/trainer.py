@@ -40,6 +40,25 @@ def default_train_split(version: str) -> str:
     return splits[0]
 
 
+def check_pretrained_backbone(cfg: Mapping[str, Any]) -> None:
+    """Refuse to train a camera or fusion detector from a random ResNet when its config asks for
+    ImageNet weights (`train.require_pretrained_backbone`, on in the nuscenes camera and fusion
+    presets: the paper's backbone starts from them). Raises ConfigError naming the keys to set."""
+    if not cfg["train"].get("require_pretrained_backbone", False):
+        return
+    model = cfg["model"]
+    if model["modality"] not in ("camera", "fusion") or model["camera_encoder"].get("pretrained") not in (None, ""):
+        return
+    depth = int(model["camera_encoder"].get("resnet_depth", 50))
+    example = {50: "resnet50-0676ba61.pth", 18: "resnet18-f37072fd.pth"}.get(depth, f"resnet{depth}-....pth")
+    raise ConfigError(
+        f"model.camera_encoder.pretrained is not set: this {model['modality']} config starts its "
+        f"ResNet-{depth} from torchvision's ImageNet weights, as the paper does. Set "
+        f"--set model.camera_encoder.pretrained=PATH with PATH torchvision's ResNet-{depth} ImageNet "
+        f"state-dict file ({example}), a local path or a URL (s3://, gs://, https://), or train the "
+        "backbone from random init on purpose with --set train.require_pretrained_backbone=false")
+
+
 def prepare_run_folder(output: str, cfg: Mapping[str, Any], identity: Mapping[str, Any]) -> None:
     """Write config.yaml into a new run folder, or check that an existing run was made the same way.
 
@@ -86,6 +105,7 @@ def fit(cfg: Mapping[str, Any], dataroot: str | Path, version: str, split: str, 
         address: Ray cluster address (None: RAY_ADDRESS, a running local cluster, or a new one).
         extra_loop_config: more keys for the loop config (read by `build_task`).
     """
+    check_pretrained_backbone(cfg)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

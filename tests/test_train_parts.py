@@ -13,7 +13,7 @@ from torch import nn
 
 from pipeline import storage
 from pipeline.config import diff_keys, load_config
-from pipeline.optim import build_optimizer, build_scheduler, clip_gradients, scaled_lr
+from pipeline.optim import build_optimizer, build_scheduler, clip_gradients, describe_lr, scaled_lr
 from pipeline.precise_bn import recompute_bn_stats
 from pipeline.run_log import MetricsLog, read_metrics
 
@@ -51,6 +51,30 @@ def test_lr_scaling_and_one_cycle_schedule():
         build_scheduler(opt, dict(tr, schedule="cosine"), lr, 3)
 
 
+# Spec §4: the paper's lr at its global batch of 4 (4 GPUs x 1 sample): 2e-4 for camera detectors
+# and camera students, 1e-3 for LiDAR and fusion detectors and LiDAR students.
+PAPER_LR = {"nuscenes_lidar": 1e-3, "nuscenes_camera": 2e-4, "nuscenes_fusion": 1e-3,
+            "nuscenes_lidar_to_camera": 2e-4, "nuscenes_fusion_to_camera": 2e-4,
+            "nuscenes_camera_to_lidar": 1e-3, "nuscenes_fusion_to_lidar": 1e-3}
+
+
+@pytest.mark.parametrize("preset", sorted(PAPER_LR))
+def test_nuscenes_presets_give_the_papers_lr_at_its_global_batch(preset: str):
+    tr = load_config(preset)["train"]
+    assert tr["lr_scaling"] == "linear" and tr["lr_reference_batch"] == 4
+    assert scaled_lr(tr, 4) == pytest.approx(PAPER_LR[preset])
+    assert scaled_lr(tr, 1) == pytest.approx(PAPER_LR[preset] / 4)  # the default runtime: 1 worker x 1 sample
+    assert scaled_lr(tr, 16) == pytest.approx(PAPER_LR[preset] * 4)
+
+
+def test_describe_lr_states_the_scaled_lr_and_its_origin():
+    tr = load_config("nuscenes_camera")["train"]
+    assert describe_lr(tr, 4) == "lr 2.00e-04 for a global batch of 4 (given 2.00e-04 at batch 4, linear scaling)"
+    assert describe_lr(tr, 8) == "lr 4.00e-04 for a global batch of 8 (given 2.00e-04 at batch 4, linear scaling)"
+    tiny = load_config("tiny_camera")["train"]
+    assert describe_lr(dict(tiny, lr=1e-2), 2) == "lr 1.00e-02 for a global batch of 2 (train.lr as given, lr_scaling none)"
+
+
 def test_clip_gradients_returns_the_norm_before_clipping():
     a, b = nn.Linear(3, 1, bias=False), nn.Linear(4, 1, bias=False)
     for m, v in ((a, 3.0), (b, 4.0)):
@@ -69,6 +93,20 @@ def test_precise_bn_replaces_stale_running_statistics():
     assert used == 4 and model[1].momentum == 0.01
     want = torch.stack([model[0](b).mean(0) for b in batches[:4]]).mean(0)
     torch.testing.assert_close(model[1].running_mean, want.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_precise_bn_leaves_a_frozen_stem_alone():
+    """A frozen ResNet stem's bn1 stays in eval mode, so its (ImageNet) statistics are kept, not reset."""
+    from models.resnet import ResNet
+
+    net = ResNet(18, base_width=8, frozen_stem=True)
+    net.bn1.running_mean.fill_(0.3)
+    net.bn1.running_var.fill_(2.0)
+    layer1_mean = net.layer1[0].bn1.running_mean.clone()
+    used = recompute_bn_stats(net.eval(), [torch.randn(2, 3, 32, 32) for _ in range(2)], lambda m, b: m(b), 2)
+    assert used == 2 and not net.training
+    assert torch.all(net.bn1.running_mean == 0.3) and torch.all(net.bn1.running_var == 2.0)
+    assert net.bn1.momentum == 0.1 and not torch.equal(net.layer1[0].bn1.running_mean, layer1_mean)
 
 
 def test_metrics_log_truncates_steps_after_a_resume(tmp_path):
@@ -100,3 +138,41 @@ def test_diff_keys_names_nested_differences():
     a = load_config("tiny_lidar")
     b = load_config("tiny_lidar", ["train.lr=0.5", "grid.voxel_size=[0.1, 0.1, 0.2]"])
     assert diff_keys(a, b) == ["grid.voxel_size", "train.lr"]
+
+
+# --- the ImageNet backbone the nuscenes camera and fusion presets require ------------------------
+REQUIRE_IMAGENET = ("nuscenes_camera", "nuscenes_fusion", "nuscenes_lidar_to_camera", "nuscenes_fusion_to_camera")
+TRAIN_FROM_SCRATCH = ("nuscenes_lidar", "nuscenes_camera_to_lidar", "nuscenes_fusion_to_lidar", "tiny_camera",
+                      "tiny_fusion", "tiny_lidar_to_camera", "tiny_fusion_to_camera", "tiny_lidar")
+
+
+def test_training_without_imagenet_weights_is_refused_where_the_preset_requires_them():
+    from pipeline.config import ConfigError
+    from pipeline.trainer import check_pretrained_backbone
+
+    for preset in REQUIRE_IMAGENET:
+        with pytest.raises(ConfigError, match=r"model\.camera_encoder\.pretrained is not set.*"
+                           r"--set model\.camera_encoder\.pretrained=PATH.*resnet50-0676ba61\.pth.*"
+                           r"--set train\.require_pretrained_backbone=false"):
+            check_pretrained_backbone(load_config(preset))
+        check_pretrained_backbone(load_config(preset, ["model.camera_encoder.pretrained=/w/resnet50-0676ba61.pth"]))
+        check_pretrained_backbone(load_config(preset, ["model.camera_encoder.pretrained=s3://b/resnet50.pth"]))
+        check_pretrained_backbone(load_config(preset, ["train.require_pretrained_backbone=false"]))
+    for preset in TRAIN_FROM_SCRATCH:  # LiDAR students, and the tiny presets (random init, as before)
+        check_pretrained_backbone(load_config(preset))
+
+
+def test_train_teacher_stage_refuses_before_anything_starts(tmp_path):
+    """The refusal comes from pipeline.trainer.fit before the dataset is read or Ray is started."""
+    import contextlib
+    import io
+
+    from stages import train_teacher
+    from stages._cli import run_main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = run_main(train_teacher.main, ["--config", "nuscenes_camera", "--dataroot", str(tmp_path / "no_data"),
+                                             "--output", str(tmp_path / "run")])
+    assert code == 2 and "--set model.camera_encoder.pretrained=PATH" in err.getvalue(), err.getvalue()
+    assert not (tmp_path / "run").exists()
