@@ -3,6 +3,7 @@ consistent across tables, files and sensors, deterministic for a seed."""
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,15 @@ from nuscenes.utils.splits import create_splits_scenes
 from PIL import Image
 
 from pipeline.classes import CLASS_NAMES
+from pipeline.evaluation import evaluate_results
+from pipeline.index import load_index
+from pipeline.nusc_db import open_nuscenes
+from pipeline.results import lidar_boxes_to_results, write_results_json
 from pipeline.synthetic import camera as synth_camera
-from pipeline.synthetic import generate
+from pipeline.synthetic import format_summary, generate, summarize
+from pipeline.synthetic.__main__ import main as synthetic_main
 from pipeline.synthetic.rig import CAMERAS
+from pipeline.synthetic.scenes import LOCATIONS, PROFILES, check_scene_counts, trainval_scenes
 from pipeline.synthetic.tokens import make_rng
 from pipeline.synthetic.world import SCENES, build_world
 
@@ -195,3 +202,130 @@ def test_cli_summary_and_errors(tmp_path):
     assert bad.returncode != 0 and "WIDTHxHEIGHT" in bad.stderr
     with pytest.raises(ValueError, match="samples_per_scene"):
         generate(tmp_path / "y", samples_per_scene=1)
+
+
+# --- v1.0-trainval ---------------------------------------------------------------------------------
+
+TRAINVAL = "v1.0-trainval"
+# 2 train scenes and 1 val scene of 2 key frames, small images: a few seconds to generate.
+SMALL_TRAINVAL = dict(version=TRAINVAL, scenes=3, val_scenes=1, samples_per_scene=2, seed=0, image_size=(160, 90))
+
+
+@pytest.fixture(scope="module")
+def trainval_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Dataroot of a small generated v1.0-trainval dataset (read-only for tests)."""
+    root = tmp_path_factory.mktemp("trainval")
+    generate(root, **SMALL_TRAINVAL)
+    return root
+
+
+def test_trainval_opens_with_the_devkit_and_splits_into_train_and_val(trainval_root):
+    """The scenes are the first names of the devkit's train and val lists, and the devkit, the
+    project's index and the summary all see train and val with the right scenes and samples."""
+    splits = create_splits_scenes()
+    train_names, val_names = splits["train"][:2], splits["val"][:1]
+    nusc = open_nuscenes(trainval_root, TRAINVAL)
+    assert [s["name"] for s in nusc.scene] == train_names + val_names
+    assert {nusc.get("log", s["log_token"])["location"] for s in nusc.scene} <= set(LOCATIONS)
+    assert len(nusc.map) == len({log["location"] for log in nusc.log})
+
+    train = load_index(trainval_root, TRAINVAL, "train")
+    val = load_index(trainval_root, TRAINVAL, "val")
+    assert [r["scene_name"] for r in train] == [name for name in train_names for _ in range(2)]
+    assert [r["scene_name"] for r in val] == val_names * 2
+    assert all(len(r["gt_boxes"]) for r in train + val)
+    assert [len(r["sweep_paths"]) for r in val] == [0, 10], "9 sweeps and the key frame before the second"
+
+    meta = json.loads((trainval_root / "synthetic.json").read_text())
+    assert meta["version"] == TRAINVAL and meta["scenes"] == train_names + val_names
+    assert meta["val_scenes"] == val_names
+    summary = summarize(trainval_root, TRAINVAL)
+    assert summary["splits"] == {"train": {"scenes": 2, "samples": 4}, "val": {"scenes": 1, "samples": 2}}
+    text = format_summary(summary)
+    assert "split train" in text and "split val" in text and "train_detect" not in text
+
+
+def test_trainval_val_ground_truth_as_predictions_scores_map_one(trainval_root, tmp_path):
+    """The val split's own boxes (those with LiDAR points, as the devkit keeps GT) submitted as
+    detections through results JSON and DetectionEval(eval_set='val') score mAP 1."""
+    rows = load_index(trainval_root, TRAINVAL, "val")
+    results = {}
+    for row in rows:
+        keep = [i for i, (name, n_lidar, n_radar) in enumerate(zip(row["gt_names"], row["num_lidar_pts"],
+                                                                   row["num_radar_pts"]))
+                if name is not None and n_lidar + n_radar > 0]
+        labels = np.array([CLASS_NAMES.index(row["gt_names"][i]) for i in keep], dtype=np.int64)
+        results[row["token"]] = lidar_boxes_to_results(row, row["gt_boxes"][keep], np.ones(len(keep)), labels)
+    path = write_results_json(tmp_path / "results.json", results, [r["token"] for r in rows],
+                              use_camera=False, use_lidar=True)
+    summary = evaluate_results(trainval_root, TRAINVAL, "val", path, tmp_path / "metrics")
+    assert summary["mean_ap"] > 0.99, summary["mean_dist_aps"]
+    assert summary["tp_errors"]["trans_err"] < 1e-3 and summary["tp_errors"]["vel_err"] < 1e-3
+
+
+def test_trainval_scene_is_deterministic_and_independent_of_the_others(trainval_root, tmp_path):
+    """A trainval scene has the same files and records whatever else the dataset holds (worker
+    processes are covered by the mini test above: the same per-scene jobs); overwrite replaces
+    only what the generator writes."""
+    out = tmp_path / "two"
+    (out / "v1.0-mini").mkdir(parents=True)  # a stale dataset of the other version ...
+    (out / "notes.txt").write_text("mine")  # ... and a file the generator never writes
+    small = {**SMALL_TRAINVAL, "scenes": 2, "val_scenes": 1}  # scene-0001 (train), scene-0003 (val)
+    with pytest.raises(FileExistsError, match="v1.0-mini"):
+        generate(out, **small)
+    generate(out, **small, overwrite=True)
+    assert not (out / "v1.0-mini").exists() and (out / "notes.txt").read_text() == "mine"
+
+    files = {name: digest for name, digest in _tree_digest(out).items() if name.startswith(("samples/", "sweeps/"))}
+    assert files and files.items() <= _tree_digest(trainval_root).items()
+    for table in ("scene", "log", "sample", "sample_data", "ego_pose", "calibrated_sensor", "sample_annotation",
+                  "instance", "category", "attribute", "visibility", "sensor"):
+        ours = json.loads((out / TRAINVAL / f"{table}.json").read_text())
+        theirs = json.loads((trainval_root / TRAINVAL / f"{table}.json").read_text())
+        assert ours and all(record in theirs for record in ours), table
+    assert json.loads((out / "synthetic.json").read_text())["scenes"] == ["scene-0001", "scene-0003"]
+
+
+def test_trainval_scene_counts_and_profiles():
+    """The val share defaults to a fifth (at least 1, at most the devkit's 150); profiles and
+    locations are drawn per scene with about a fifth of the scenes standing still."""
+    assert check_scene_counts(TRAINVAL, 2, None) == (2, 1)
+    assert check_scene_counts(TRAINVAL, 10, None) == (10, 2)
+    assert check_scene_counts(TRAINVAL, 850, None) == (850, 150)
+    assert check_scene_counts("v1.0-mini", None, None) is None
+    specs = trainval_scenes(0, 850, 150)
+    assert len({s.name for s in specs}) == 850 and {s.profile for s in specs} == set(PROFILES)
+    stopped = sum(s.profile == "stopped" for s in specs) / len(specs)
+    assert 0.15 < stopped < 0.25 and {s.location for s in specs} == set(LOCATIONS)
+    assert trainval_scenes(0, 3, 1)[:2] == specs[:2], "a scene does not depend on the dataset's size"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(version="v1.0-test"), "version must be one of"),
+    (dict(version=TRAINVAL), "needs the number of scenes"),
+    (dict(version=TRAINVAL, scenes=1), "scenes .* >= 2"),
+    (dict(version=TRAINVAL, scenes=3, val_scenes=3), r"val_scenes .* 1\.\.2"),
+    (dict(version=TRAINVAL, scenes=3, val_scenes=0), r"val_scenes .* 1\.\.2"),
+    (dict(version=TRAINVAL, scenes=400, val_scenes=200), "val split holds"),
+    (dict(version=TRAINVAL, scenes=851), "train split holds"),
+    (dict(scenes=3), "v1.0-mini always holds"),
+    (dict(val_scenes=1), "v1.0-mini always holds"),
+])
+def test_generate_refuses_bad_versions_and_scene_counts(tmp_path, kwargs, match):
+    """Bad version / scene counts are ValueErrors naming the value, raised before anything is written."""
+    with pytest.raises(ValueError, match=match):
+        generate(tmp_path / "ds", samples_per_scene=2, image_size=(48, 32), **kwargs)
+    assert not (tmp_path / "ds").exists()
+
+
+def test_cli_turns_bad_trainval_arguments_into_usage_errors(tmp_path, capsys):
+    """The CLI reports bad --version / --scenes / --val-scenes as argparse errors (exit 2)."""
+    cases = [([str(tmp_path / "a"), "--scenes", "3"], "--scenes"),
+             ([str(tmp_path / "b"), "--version", TRAINVAL, "--scenes", "3", "--val-scenes", "5"], "--val-scenes"),
+             ([str(tmp_path / "c"), "--version", "v1.0-test"], "invalid choice")]
+    for argv, expected in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            synthetic_main(argv)
+        assert exit_info.value.code == 2
+        assert expected in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

@@ -1,4 +1,5 @@
-"""CLI: python -m pipeline.synthetic OUT_DIR [--samples-per-scene N] [--seed S] [--image-size WxH]"""
+"""CLI: python -m pipeline.synthetic OUT_DIR [--version v1.0-mini|v1.0-trainval] [--scenes N] [--val-scenes M]
+[--samples-per-scene K] [--seed S] [--image-size WxH] [--workers W] [--overwrite]"""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +7,7 @@ import sys
 from pathlib import Path
 
 from pipeline.synthetic.dataset import DEFAULT_IMAGE_SIZE, check_image_size, generate
+from pipeline.synthetic.scenes import MINI, TRAINVAL, VERSIONS
 from pipeline.synthetic.summary import format_summary
 
 
@@ -33,8 +35,14 @@ def _positive(minimum: int):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.synthetic",
-                                     description="Generate a nuScenes v1.0-mini format dataset.")
-    parser.add_argument("out_dir", type=Path, help="dataroot to write (samples/, sweeps/, maps/, v1.0-mini/)")
+                                     description="Generate a nuScenes-format dataset: v1.0-mini (its 10 scenes) "
+                                                 "or v1.0-trainval (any number of the devkit's train/val scenes).")
+    parser.add_argument("out_dir", type=Path, help="dataroot to write (samples/, sweeps/, maps/, VERSION/)")
+    parser.add_argument("--version", choices=VERSIONS, default=MINI, help=f"dataset version (default {MINI})")
+    parser.add_argument("--scenes", type=_positive(1), default=None,
+                        help=f"{TRAINVAL} only: number of scenes (>= 2), the first of the devkit's train and val lists")
+    parser.add_argument("--val-scenes", type=_positive(1), default=None,
+                        help=f"{TRAINVAL} only: how many of the scenes are val scenes (default a fifth, at least 1)")
     parser.add_argument("--samples-per-scene", type=_positive(2), default=10, help="key frames per scene (>= 2)")
     parser.add_argument("--seed", type=_positive(0), default=0)
     parser.add_argument("--image-size", type=_image_size, default=DEFAULT_IMAGE_SIZE, metavar="WxH",
@@ -44,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         summary = generate(args.out_dir, samples_per_scene=args.samples_per_scene, seed=args.seed,
-                           image_size=args.image_size, workers=args.workers, overwrite=args.overwrite)
+                           image_size=args.image_size, workers=args.workers, overwrite=args.overwrite,
+                           version=args.version, scenes=args.scenes, val_scenes=args.val_scenes)
     except (FileExistsError, ValueError) as e:
         parser.error(str(e))
     print(format_summary(summary))

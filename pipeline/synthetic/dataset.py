@@ -1,4 +1,5 @@
-"""Write a whole generated v1.0-mini dataset: the 10 mini scenes, the tables that do not depend on
+"""Write a whole generated dataset: v1.0-mini (the 10 mini scenes) or v1.0-trainval (any number
+of scenes from the devkit's train and val lists, see scenes.py), the tables that do not depend on
 a scene (category, attribute, visibility, sensor, map), the map masks, and a small
 `synthetic.json` that records how the dataset was made.
 """
@@ -17,17 +18,17 @@ from pipeline.synthetic import catalog
 from pipeline.synthetic.rig import CAMERAS, LIDAR
 from pipeline.synthetic.road import draw_map_mask
 from pipeline.synthetic.scene_writer import SceneResult, write_scene
+from pipeline.synthetic.scenes import MINI, VERSIONS, check_scene_counts, mini_scenes, trainval_scenes
 from pipeline.synthetic.summary import summarize
 from pipeline.synthetic.tokens import make_token
-from pipeline.synthetic.world import SCENES
 
-VERSION = "v1.0-mini"
+VERSION = MINI  # the default version
 DEFAULT_IMAGE_SIZE = (800, 450)  # (W, H): half the nuScenes resolution
 GENERATOR_VERSION = 1
 META_FILE = "synthetic.json"
 TABLES = ("category", "attribute", "visibility", "instance", "sensor", "calibrated_sensor", "ego_pose", "log",
           "scene", "sample", "sample_data", "sample_annotation", "map")
-_OUTPUTS = ("samples", "sweeps", "maps", VERSION, META_FILE)  # what generate writes under out_dir
+_OUTPUTS = ("samples", "sweeps", "maps", *VERSIONS, META_FILE)  # what generate may write under out_dir
 
 
 def check_image_size(image_size: tuple[int, int]) -> tuple[int, int]:
@@ -42,13 +43,17 @@ def check_image_size(image_size: tuple[int, int]) -> tuple[int, int]:
 
 
 def generate(out_dir: Path, samples_per_scene: int = 10, seed: int = 0,
-             image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE, workers: int = 1, overwrite: bool = False) -> dict:
+             image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE, workers: int = 1, overwrite: bool = False, *,
+             version: str = VERSION, scenes: int | None = None, val_scenes: int | None = None) -> dict:
     """Write the generated dataset under `out_dir` and return its summary (see `summarize`) with
     the generation time in seconds.
 
-    workers > 1 generates scenes in that many processes (same bytes as with one). An out_dir that
-    already holds a generated dataset is refused unless `overwrite`, which replaces only what
-    generate writes (samples/, sweeps/, maps/, v1.0-mini/, synthetic.json).
+    version "v1.0-mini" writes the 10 mini scenes (scenes / val_scenes must be None);
+    "v1.0-trainval" writes `scenes` scenes, `val_scenes` of them (default a fifth, at least 1)
+    from the devkit's val list and the rest from its train list. workers > 1 generates scenes in
+    that many processes (same bytes as with one). An out_dir that already holds a generated
+    dataset is refused unless `overwrite`, which replaces only what generate writes (samples/,
+    sweeps/, maps/, v1.0-mini/, v1.0-trainval/, synthetic.json).
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -59,6 +64,8 @@ def generate(out_dir: Path, samples_per_scene: int = 10, seed: int = 0,
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    counts = check_scene_counts(version, scenes, val_scenes)  # (scenes, val_scenes) for trainval
+    specs = mini_scenes(seed) if counts is None else trainval_scenes(seed, *counts)
     existing = [name for name in _OUTPUTS if (out_dir / name).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{out_dir} already holds {', '.join(existing)}; pass overwrite=True "
@@ -68,7 +75,7 @@ def generate(out_dir: Path, samples_per_scene: int = 10, seed: int = 0,
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    jobs = [(seed, i, samples_per_scene, image_size, out_dir) for i in range(len(SCENES))]
+    jobs = [(seed, spec, samples_per_scene, image_size, out_dir) for spec in specs]
     if workers == 1:
         results = [write_scene(*job) for job in jobs]
     else:
@@ -80,16 +87,19 @@ def generate(out_dir: Path, samples_per_scene: int = 10, seed: int = 0,
     for result in results:
         for name, records in result.tables.items():
             tables.setdefault(name, []).extend(records)
-    table_dir = out_dir / VERSION
+    table_dir = out_dir / version
     table_dir.mkdir()
     for name in TABLES:  # one record per line: readable, and fast to write
         lines = ",\n".join(json.dumps(record) for record in tables[name])
         (table_dir / f"{name}.json").write_text(f"[\n{lines}\n]\n")
-    meta = {"generator": "pipeline.synthetic", "generator_version": GENERATOR_VERSION, "version": VERSION,
+    meta = {"generator": "pipeline.synthetic", "generator_version": GENERATOR_VERSION, "version": version,
             "seed": seed, "samples_per_scene": samples_per_scene, "image_size": list(image_size)}
+    if counts is not None:  # trainval; mini's scenes are fixed (and its file stays as it always was)
+        meta["scenes"] = [spec.name for spec in specs]
+        meta["val_scenes"] = [spec.name for spec in specs[counts[0] - counts[1]:]]
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
 
-    summary = summarize(out_dir, VERSION)
+    summary = summarize(out_dir, version)
     summary["seconds"] = round(time.perf_counter() - start, 2)
     return summary
 

@@ -21,6 +21,7 @@ from pipeline.synthetic import camera, lidar
 from pipeline.synthetic.catalog import visibility_token
 from pipeline.synthetic.rig import CAMERAS, LIDAR
 from pipeline.synthetic.road import Road
+from pipeline.synthetic.scenes import SceneSpec
 from pipeline.synthetic.tokens import make_rng, make_token
 from pipeline.synthetic.world import (ANNOTATION_RANGE, KEYFRAME_INTERVAL_US, ROAD_MARGIN, SWEEP_INTERVAL_US,
                                       SWEEPS_PER_INTERVAL, World, build_world)
@@ -70,9 +71,10 @@ def _link(records: list[Record]) -> None:
         a["next"], b["prev"] = b["token"], a["token"]
 
 
-def write_scene(seed: int, scene_index: int, samples: int, image_size: tuple[int, int], root: Path) -> SceneResult:
-    """Generate scene `scene_index` under dataroot `root` and return its records."""
-    world = build_world(seed, scene_index, samples)
+def write_scene(seed: int, scene: SceneSpec, samples: int, image_size: tuple[int, int], root: Path) -> SceneResult:
+    """Generate `scene` under dataroot `root` and return its records (the same whichever process
+    runs it and whatever other scenes the dataset holds)."""
+    world = build_world(seed, scene, samples)
     name = world.name
     log = _log_record(world)
     sensor_tokens = {ch: make_token(seed, "sensor", ch) for ch in (*CAMERAS, LIDAR)}

@@ -12,10 +12,12 @@ from nuscenes.nuscenes import NuScenes
 from nuscenes.utils.splits import create_splits_scenes
 
 from pipeline.classes import CLASS_NAMES
+from pipeline.nusc_db import SPLITS_OF_VERSION
 
 
 def summarize(dataroot: Path, version: str = "v1.0-mini") -> dict:
-    """Counts of the dataset at `dataroot` (see module docstring) as a JSON-ready dict."""
+    """Counts of the dataset at `dataroot` (see module docstring) as a JSON-ready dict; "splits"
+    holds the detection splits of `version` (mini_train/mini_val, train/val, test) it has scenes of."""
     dataroot = Path(dataroot)
     if not (dataroot / version).is_dir():
         raise FileNotFoundError(f"{dataroot / version} does not exist: not a nuScenes {version} dataroot")
@@ -29,13 +31,9 @@ def summarize(dataroot: Path, version: str = "v1.0-mini") -> dict:
             with_points[name] += ann["num_lidar_pts"] + ann["num_radar_pts"] > 0
     scene_names = {s["token"]: s["name"] for s in nusc.scene}
     splits = {}
-    split_prefix = version.split("-")[-1]  # "mini", "trainval" or "test"
-    for split, names in create_splits_scenes().items():
-        if split_prefix == "mini" and not split.startswith("mini"):
-            continue
-        if split_prefix != "mini" and split.startswith("mini"):
-            continue
-        names = set(names)
+    all_splits = create_splits_scenes()
+    for split in SPLITS_OF_VERSION.get(version, ()):  # mini_train/mini_val, train/val or test
+        names = set(all_splits[split])
         n_samples = sum(scene_names[s["scene_token"]] in names for s in nusc.sample)
         n_scenes = sum(n in names for n in scene_names.values())
         if n_scenes:

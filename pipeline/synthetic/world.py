@@ -16,6 +16,7 @@ from pipeline.synthetic import catalog
 from pipeline.synthetic.road import (CARRIAGEWAY_EDGE, LANE_CENTRES, PARKING_EDGE, SIDEWALK_EDGE, VERGE_EDGE,
                                      Ground, Road, draw_ground, make_road)
 from pipeline.synthetic.rig import Rig, make_rig
+from pipeline.synthetic.scenes import SCENES, SceneSpec, mini_scenes
 from pipeline.synthetic.tokens import make_rng, make_token
 
 KEYFRAME_INTERVAL_US = 500_000  # 2 Hz key frames
@@ -30,22 +31,6 @@ CLUTTER_MARGIN = 90.0           # buildings and poles this far (farther ones wou
 EGO_CENTRE_OFFSET = 1.3
 EGO_SIZE = (4.1, 1.8, 1.6)
 
-# The scenes of the devkit's v1.0-mini splits, with the location each is generated at.
-SCENES: tuple[tuple[str, str], ...] = (
-    ("scene-0061", "singapore-onenorth"),
-    ("scene-0103", "boston-seaport"),
-    ("scene-0553", "boston-seaport"),
-    ("scene-0655", "boston-seaport"),
-    ("scene-0757", "boston-seaport"),
-    ("scene-0796", "singapore-queenstown"),
-    ("scene-0916", "singapore-queenstown"),
-    ("scene-1077", "singapore-hollandvillage"),
-    ("scene-1094", "singapore-hollandvillage"),
-    ("scene-1100", "singapore-hollandvillage"),
-)
-# Ego speed profiles, one per scene (shuffled per seed): two scenes stand still throughout.
-_PROFILES = ("stopped", "stopped", "cruise", "cruise", "cruise", "cruise", "accelerate", "accelerate",
-             "decelerate", "decelerate")
 # Relative frequency of each class among the extra objects (every class also gets one forced
 # object near the ego in every scene, so all classes appear in both mini splits).
 _CLASS_WEIGHTS = {"car": 0.30, "pedestrian": 0.22, "barrier": 0.10, "traffic_cone": 0.10, "truck": 0.07,
@@ -249,20 +234,23 @@ def motion_pose(road: Road, m: Motion, t: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def scene_start_us(seed: int, scene_index: int) -> int:
-    """Timestamp (us) of a scene's first key frame: mid-2018, one scene every few hours."""
+    """Timestamp (us) of a scene's first key frame: mid-2018, one scene every few hours in
+    `SceneSpec.index` order."""
     rng = make_rng(seed, "start", scene_index)
     return 1_531_000_000_000_000 + scene_index * 14_400_000_000 + int(rng.integers(0, 3_600_000_000))
 
 
-def build_world(seed: int, scene_index: int, samples: int) -> World:
-    """The world of scene `scene_index` (0-9, SCENES order) with `samples` key frames."""
-    if not 0 <= scene_index < len(SCENES):
-        raise ValueError(f"scene_index must be in 0..{len(SCENES) - 1}, got {scene_index}")
+def build_world(seed: int, scene: SceneSpec | int, samples: int) -> World:
+    """The world of `scene` (a SceneSpec, or an index 0-9 into the mini SCENES) with `samples` key
+    frames. It depends on the seed and the spec only, never on the other scenes of the dataset."""
+    if not isinstance(scene, SceneSpec):
+        if not 0 <= scene < len(SCENES):
+            raise ValueError(f"scene_index must be in 0..{len(SCENES) - 1}, got {scene}")
+        scene = mini_scenes(seed)[scene]
     if samples < 2:
         raise ValueError(f"samples per scene must be >= 2 (velocities need two key frames), got {samples}")
-    name, location = SCENES[scene_index]
+    name, location, profile = scene.name, scene.location, scene.profile
     rng = make_rng(seed, "world", name)
-    profile = list(make_rng(seed, "profiles").permutation(_PROFILES))[scene_index]
     duration = (samples - 1) * KEYFRAME_INTERVAL_US * 1e-6
     speeds = {"stopped": (0.0, 0.0), "cruise": (rng.uniform(5, 10),) * 2,
               "accelerate": (rng.uniform(0, 2), rng.uniform(6, 10)),
@@ -275,8 +263,8 @@ def build_world(seed: int, scene_index: int, samples: int) -> World:
                      curviness=rng.choice([0.0005, 1 / 250, 1 / 120]), right_hand=right_hand)
     ego_d = float(rng.choice(LANE_CENTRES)) * (-1 if right_hand else 1)
     crossings = sorted(float(x) for x in rng.uniform(-20, path + 30, size=int(rng.integers(1, 3))))
-    world = World(seed=seed, scene_index=scene_index, name=name, location=location, samples=samples,
-                  start_us=scene_start_us(seed, scene_index), road=road,
+    world = World(seed=seed, scene_index=scene.index, name=name, location=location, samples=samples,
+                  start_us=scene_start_us(seed, scene.index), road=road,
                   ground=draw_ground(road, (-ROAD_MARGIN, path + ROAD_MARGIN), crossings, rng),
                   rig=make_rig(rng), ego_profile=profile, ego_speeds=(float(speeds[0]), float(speeds[1])),
                   ego_s0=0.0, ego_d=ego_d, crossings=crossings)
