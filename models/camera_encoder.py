@@ -6,9 +6,10 @@ frustum of 3D points, which are taken to the (BEV-augmented) LiDAR frame through
 matrices (pipeline/sample.py) and sum-pooled onto the BEVGrid's x/y cells with one z bin.
 
 Mixed precision: the backbone, neck and depth net run under the caller's autocast; the frustum
-geometry (ray matmuls and matrix inverses, where half precision costs centimetres at 50 m) and
-the voxel pooling run in float32 with autocast disabled, on float32 depth probabilities and
-context, so the BEV map leaves the encoder in float32 whatever the autocast dtype.
+geometry (ray matmuls and matrix inverses: in half precision a frustum point 50 m out moves by
+centimetres in float16, up to a metre in bfloat16) and the voxel pooling run in float32 with
+autocast disabled, on float32 depth probabilities and context, so the BEV map leaves the encoder in
+float32 whatever the autocast dtype.
 """
 from __future__ import annotations
 
@@ -158,8 +159,8 @@ class LSSViewTransform(nn.Module):
 
         p_src = ida^-1 [u, v, 1];  p_cam = d K^-1 p_src;  p = bda cam2lidar [p_cam, 1]
         (intrinsics, ida [B, N, 3, 3]; cam2lidar [B, N, 4, 4]; bda [B, 4, 4]).
-        Computed in float32 (float64 for float64 matrices) with autocast disabled: under CUDA
-        autocast the matmuls would run in float16 (~1e-3 relative: centimetres at 50 m).
+        Computed in float32 (float64 for float64 matrices) with autocast disabled: under autocast
+        the matmuls would run in float16 (centimetres off at 50 m) or bfloat16 (up to ~1 m).
         """
         b, n = intrinsics.shape[:2]
         for name, t, shape in (("intrinsics", intrinsics, (b, n, 3, 3)), ("ida", ida, (b, n, 3, 3)),
