@@ -14,7 +14,7 @@ float32 whatever the autocast dtype.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -179,8 +179,10 @@ class LSSViewTransform(nn.Module):
             return self.depths.to(dtype).view(1, 1, -1, 1, 1, 1) * rays.unsqueeze(2) + origin  # [B, N, D, h, w, 3]
 
     def forward(self, feats: torch.Tensor, intrinsics: torch.Tensor, cam2lidar: torch.Tensor, ida: torch.Tensor,
-                bda: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
-        """feats [B * N, C_in, h, w] (cameras of a sample consecutive) -> BEV [B, C, H, W] in float32.
+                bda: torch.Tensor, image_hw: tuple[int, int],
+                return_depth: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """feats [B * N, C_in, h, w] (cameras of a sample consecutive) -> BEV [B, C, H, W] in float32,
+        and with `return_depth` also the depth probabilities [B, N, D, h, w] (for depth supervision).
 
         The depth net runs under the caller's autocast; the depth softmax, geometry and pooling in
         float32 (the depth logits and context are cast up first), with autocast disabled.
@@ -193,7 +195,52 @@ class LSSViewTransform(nn.Module):
             depth = x[:, :self.num_depth_bins].softmax(dim=1).view(b, n, -1, h, w)  # [B, N, D, h, w]
             context = x[:, self.num_depth_bins:].view(b, n, self.out_channels, h, w).permute(0, 1, 3, 4, 2)
             geom = self.geometry(intrinsics, cam2lidar, ida, bda, (h, w), image_hw)  # [B, N, D, h, w, 3]
-            return voxel_pool(self.grid, geom, depth, context)  # [B, C, H, W]
+            bev = voxel_pool(self.grid, geom, depth, context)  # [B, C, H, W]
+        return (bev, depth) if return_depth else bev
+
+
+def lidar_depth_targets(points: Sequence[torch.Tensor], intrinsics: torch.Tensor, cam2lidar: torch.Tensor,
+                        ida: torch.Tensor, bda: torch.Tensor, feat_hw: tuple[int, int],
+                        image_hw: tuple[int, int]) -> torch.Tensor:
+    """Depth (m, camera z) of the nearest key-frame LiDAR point that each feature pixel sees, 0 where
+    none: the supervision of a BEVDepth-style depth net. [B, N, h, w]
+
+    points: per sample [P, 5] (x, y, z, intensity, time lag) in the augmented LiDAR frame; only the
+    key frame (lag 0) is used, since sweeps see moving objects elsewhere. A point maps to the
+    network-input pixel ida K p_cam / z and to the feature pixel that covers it.
+    """
+    b, n = intrinsics.shape[:2]
+    h, w = feat_hw
+    sy, sx = image_hw[0] / h, image_hw[1] / w
+    out = torch.zeros(b, n * h * w, dtype=torch.float32, device=intrinsics.device)
+    with torch.no_grad(), torch.autocast(device_type=intrinsics.device.type, enabled=False):
+        for i, pts in enumerate(points):
+            pts = pts[pts[:, 4] == 0, :3].to(torch.float64)  # [P, 3]
+            to_cam = torch.linalg.inv(bda[i].to(torch.float64) @ cam2lidar[i].to(torch.float64))  # [N, 4, 4]
+            p_cam = to_cam[:, :3, :3] @ pts.T + to_cam[:, :3, 3:]  # [N, 3, P]
+            z = p_cam[:, 2]  # [N, P]
+            pix = (ida[i].to(torch.float64) @ intrinsics[i].to(torch.float64)) @ (p_cam / z.clamp(min=1e-3).unsqueeze(1))
+            col, row = torch.floor(pix[:, 0] / sx).long(), torch.floor(pix[:, 1] / sy).long()  # [N, P]
+            ok = (z > 0.1) & (col >= 0) & (col < w) & (row >= 0) & (row < h)
+            cam = torch.arange(n, device=pts.device).view(n, 1).expand_as(ok)
+            flat = (cam * h + row) * w + col
+            big = torch.full((n * h * w,), float("inf"), dtype=torch.float64, device=pts.device)
+            big = big.scatter_reduce(0, flat[ok], z[ok], reduce="amin")
+            out[i] = torch.where(torch.isfinite(big), big, torch.zeros_like(big)).float()
+    return out.view(b, n, h, w)
+
+
+def depth_loss(depth: torch.Tensor, target: torch.Tensor, depths: torch.Tensor) -> torch.Tensor:
+    """BEVDepth's depth loss: binary cross-entropy of the depth probabilities [B, N, D, h, w] against
+    the one-hot bin of the LiDAR depth target [B, N, h, w] (0 = no point), summed over bins and
+    averaged over the supervised pixels (pixels without a point, or beyond the bins, add nothing)."""
+    step = float(depths[1] - depths[0]) if len(depths) > 1 else 1.0
+    idx = torch.round((target - float(depths[0])) / step).long()  # [B, N, h, w]
+    valid = (target > 0) & (idx >= 0) & (idx < len(depths))
+    prob = depth.float().permute(0, 1, 3, 4, 2)[valid].clamp(1e-6, 1 - 1e-6)  # [K, D]
+    onehot = F.one_hot(idx[valid], len(depths)).float()  # [K, D]
+    bce = F.binary_cross_entropy(prob, onehot, reduction="sum")
+    return bce / valid.sum().clamp(min=1)
 
 
 class CameraEncoder(nn.Module):
@@ -211,18 +258,23 @@ class CameraEncoder(nn.Module):
         neck_strides: SECOND-FPN upsample stride per ResNet level (paper: 0.25, 0.5, 1, 2).
         d_bound: depth bins (start, stop, step) in metres (paper: 2, 58, 0.5 -> 112 bins).
         out_channels: C_low, BEV feature channels (paper: 256).
+        depth_loss_weight: weight of a BEVDepth-style depth loss against key-frame LiDAR depth
+            (`lidar_depth_targets`, `depth_loss`); 0 (the paper's detector, spec §3.3) learns depth
+            from the detection loss alone.
 
-    Returns (forward): [B, out_channels, H, W], rows = y, cols = x of the augmented LiDAR frame.
+    Returns (forward): [B, out_channels, H, W], rows = y, cols = x of the augmented LiDAR frame,
+    and with `return_depth` also the depth probabilities [B, N, D, h/s, w/s].
     """
 
     def __init__(self, grid: BEVGrid, resnet_depth: int = 50, resnet_width: int = 64,
                  pretrained: str | Path | None = None, neck_channels: int = 128,
                  neck_strides: Sequence[float] = (0.25, 0.5, 1, 2),
                  d_bound: Sequence[float] = (2.0, 58.0, 0.5), out_channels: int = 256,
-                 frozen_stem: bool = False) -> None:
+                 frozen_stem: bool = False, depth_loss_weight: float = 0.0) -> None:
         super().__init__()
         self.grid = grid
         self.out_channels = out_channels
+        self.depth_loss_weight = float(depth_loss_weight)
         self.backbone = ResNet(resnet_depth, resnet_width, frozen_stem=frozen_stem)
         if pretrained is not None:
             load_pretrained(self.backbone, pretrained)
@@ -230,11 +282,17 @@ class CameraEncoder(nn.Module):
         self.view_transform = LSSViewTransform(grid, self.neck.out_channels, out_channels, d_bound)
 
     def forward(self, images: torch.Tensor, intrinsics: torch.Tensor, cam2lidar: torch.Tensor, ida: torch.Tensor,
-                bda: torch.Tensor) -> torch.Tensor:
+                bda: torch.Tensor, return_depth: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """images [B, N, 3, h, w] normalised; intrinsics, ida [B, N, 3, 3]; cam2lidar [B, N, 4, 4];
-        bda [B, 4, 4] -> [B, out_channels, H, W]."""
+        bda [B, 4, 4] -> [B, out_channels, H, W] (and the depth probabilities with `return_depth`)."""
         if images.dim() != 5 or images.shape[2] != 3:
             raise ValueError(f"CameraEncoder: images must be [B, N_cam, 3, h, w], got {tuple(images.shape)}")
         b, n, _, h, w = images.shape
-        feats = self.neck(self.backbone(images.flatten(0, 1)))  # [B * N, C_neck, h / 16, w / 16]
-        return self.view_transform(feats, intrinsics, cam2lidar, ida, bda, (h, w))
+        feats = self.neck(self.backbone(images.flatten(0, 1)))  # [B * N, C_neck, h / s, w / s]
+        return self.view_transform(feats, intrinsics, cam2lidar, ida, bda, (h, w), return_depth=return_depth)
+
+    def depth_loss(self, depth: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Weighted depth loss of depth probabilities [B, N, D, h, w] against the batch's LiDAR points."""
+        target = lidar_depth_targets(batch["points"], batch["intrinsics"], batch["cam2lidar"], batch["ida"],
+                                     batch["bda"], tuple(depth.shape[-2:]), tuple(batch["images"].shape[-2:]))
+        return self.depth_loss_weight * depth_loss(depth, target, self.view_transform.depths)

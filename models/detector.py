@@ -72,22 +72,37 @@ class BEVDetector(nn.Module):
             return "fusion"
         return "lidar" if self.lidar_encoder is not None else "camera"
 
+    @property
+    def supervises_depth(self) -> bool:
+        """Whether training adds the camera encoder's depth loss (and forward returns `depth`)."""
+        return self.camera_encoder is not None and self.camera_encoder.depth_loss_weight > 0
+
     def encode(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Low-level BEV features [B, C_low, H, W] of the modalities this detector has."""
+        return self._encode(batch, return_depth=False)[0]
+
+    def _encode(self, batch: Mapping[str, Any], return_depth: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         lidar_bev = self.lidar_encoder(batch["points"]) if self.lidar_encoder is not None else None
-        camera_bev = None
+        camera_bev = depth = None
         if self.camera_encoder is not None:
             camera_bev = self.camera_encoder(batch["images"], batch["intrinsics"], batch["cam2lidar"],
-                                             batch["ida"], batch["bda"])
+                                             batch["ida"], batch["bda"], return_depth=return_depth)
+            if return_depth:
+                camera_bev, depth = camera_bev
         if self.fusion is not None:
-            return self.fusion(lidar_bev, camera_bev)
-        return lidar_bev if lidar_bev is not None else camera_bev
+            return self.fusion(lidar_bev, camera_bev), depth
+        return (lidar_bev if lidar_bev is not None else camera_bev), depth
 
     def forward(self, batch: Mapping[str, Any]) -> DetectorOutput:
-        low = self.encode(batch)  # [B, C_low, H, W]
+        """The four maps; in training with depth supervision also `depth` [B, N, D, h, w]."""
+        with_depth = self.training and self.supervises_depth
+        low, depth = self._encode(batch, return_depth=with_depth)  # [B, C_low, H, W]
         high = self.bev_encoder(low)  # [B, C_high, H, W]
         heatmap, regression = self.head(high)  # [B, 10, H, W], [B, 66, H, W]
-        return {"low": low, "high": high, "heatmap": heatmap, "regression": regression}
+        out = {"low": low, "high": high, "heatmap": heatmap, "regression": regression}
+        if depth is not None:
+            out["depth"] = depth
+        return out
 
     def loss(self, batch: Mapping[str, Any], out: DetectorOutput | None = None,
              reduce_count: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -97,8 +112,12 @@ class BEVDetector(nn.Module):
         (models.center_head.mean_over_workers) so every worker normalises alike.
         """
         out = self(batch) if out is None else out
-        return self.head.compute_loss(out["heatmap"], out["regression"], batch["gt_boxes"],
-                                      batch["gt_labels"], batch["gt_mask"], reduce_count=reduce_count)
+        losses = self.head.compute_loss(out["heatmap"], out["regression"], batch["gt_boxes"],
+                                        batch["gt_labels"], batch["gt_mask"], reduce_count=reduce_count)
+        if "depth" in out:
+            losses["depth"] = self.camera_encoder.depth_loss(out["depth"], batch)
+            losses["loss"] = losses["loss"] + losses["depth"]
+        return losses
 
     @torch.no_grad()
     def predict(self, batch: Mapping[str, Any], out: DetectorOutput | None = None) -> list[dict[str, torch.Tensor]]:
