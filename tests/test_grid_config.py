@@ -21,6 +21,23 @@ def test_presets_give_the_paper_and_tiny_grids():
     assert tiny.cell == pytest.approx(1.6)
 
 
+@pytest.mark.parametrize("name", ["small_lidar", "small_camera", "small_fusion", "small_lidar_to_camera",
+                                  "small_fusion_to_camera", "small_camera_to_lidar", "small_fusion_to_lidar"])
+def test_small_presets_share_the_near_range_setting(name: str):
+    """Every small config (the benchmark where detectors learn) is on the one near-range grid, with
+    depth bins reaching its corners, LiDAR-supervised camera depth and class ranges inside the grid."""
+    cfg = load_config(name)
+    grid = BEVGrid.from_config(cfg["grid"])
+    assert (grid.H, grid.W) == (64, 64) and grid.cell == pytest.approx(0.8)
+    d0, d1, _ = cfg["model"]["camera_encoder"]["d_bound"]
+    assert d0 <= 1.0 and d1 >= float(np.hypot(grid.x_min, grid.y_min))
+    assert cfg["model"]["camera_encoder"]["depth_loss_weight"] > 0
+    assert cfg["eval"]["max_range"] <= -grid.x_min
+    if "_to_" in name:
+        teacher, student = name.removeprefix("small_").split("_to_")
+        assert cfg["distill"]["teacher_modality"] == teacher and cfg["model"]["modality"] == student
+
+
 def test_cell_centres_follow_the_documented_formula():
     g = BEVGrid((-10.0, -6.0, -5.0, 10.0, 6.0, 3.0), (0.5, 0.5, 0.2), 2)  # W=20, H=12, cell 1 m
     assert (g.H, g.W) == (12, 20)
