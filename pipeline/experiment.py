@@ -29,7 +29,7 @@ class StepTimes:
         self.seconds[name] = round(seconds, 1)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(self.seconds, indent=1) + "\n")
-        return seconds
+        return self.seconds[name]  # as stored: a later call that reuses the step reports the same
 
 
 def dataset_matches(meta: Mapping[str, Any], settings: Mapping[str, Any]) -> bool:
@@ -112,8 +112,8 @@ class Progress:
     """'PREFIX step k/N: what' lines with the elapsed time and an ETA.
 
     The ETA sums, over the steps still to do, the mean seconds of the steps of the same kind seen
-    so far ('train camera'), else of the same first word ('train'); kinds never seen are counted
-    and named instead of guessed.
+    so far, else of the nearest kind by word prefix (see `estimate`); kinds with nothing near
+    are counted and named instead of guessed.
     """
 
     def __init__(self, prefix: str, total: int) -> None:
@@ -126,18 +126,23 @@ class Progress:
         self.seconds.setdefault(kind, []).append(float(seconds))
 
     def estimate(self, kind: str) -> float | None:
-        """Mean seconds of a step of `kind` (or of its first word), None when none was seen."""
-        same = self.seconds.get(kind) or [s for k, v in self.seconds.items()
-                                          if k.split()[0] == kind.split()[0] for s in v]
-        return sum(same) / len(same) if same else None
+        """Mean seconds of a step of `kind` ('train camera distilled'), else of the kinds sharing its
+        longest word prefix that has times ('train camera', then 'train'); None when none has."""
+        words = kind.split()
+        for n in range(len(words), 0, -1):
+            same = [s for k, v in self.seconds.items() if k.split()[:n] == words[:n] for s in v]
+            if same:
+                return sum(same) / len(same)
+        return None
 
     def eta(self, kinds: Sequence[str]) -> str:
         """'ETA 12.5 min' for steps of these kinds (one entry per step), naming untimed kinds."""
         guesses = [self.estimate(k) for k in kinds]
         untimed = sorted({k for k, g in zip(kinds, guesses) if g is None})
-        text = f"ETA {sum(g for g in guesses if g is not None) / 60:.1f} min"
-        return text + (f" + {guesses.count(None)} steps not timed yet "
-                       f"({', '.join(untimed)})" if untimed else "")
+        known = [g for g in guesses if g is not None]
+        text = f"ETA {sum(known) / 60:.1f} min" if known or not kinds else "ETA ?"
+        return text + (f" + {len(guesses) - len(known)} steps not timed yet ({', '.join(untimed)})"
+                       if untimed else "")
 
     def begin(self, k: int, what: str, todo: Sequence[str]) -> None:
         """Print the line of step k (1-based); `todo` are the kinds of the steps left to do, this one included."""

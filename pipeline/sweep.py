@@ -11,7 +11,9 @@ A grid file lists the variants as config overrides, explicitly, as a Cartesian g
       train.seed: [0, 1, 2]
 
 Every variant trains from the same cache (or, for baselines, without one), is evaluated on the
-validation split, and lands in one table (results.md and results.csv in the sweep folder).
+validation split, and lands in one table (results.md and results.csv in the sweep folder). A
+variant whose run and evaluation finished before (same config and identity) is reused, with the
+times recorded when it ran.
 """
 from __future__ import annotations
 
@@ -23,7 +25,9 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from pipeline import storage
 from pipeline.config import ConfigError, load_config
+from pipeline.experiment import TIMES_FILE, StepTimes, evaluate_once, finished_model
 
 RESULT_COLUMNS = ("variant", "kind", "overrides", "mAP", "NDS", "mATE", "mASE", "mAOE", "mAVE", "mAAE", "minutes")
 TP_KEYS = (("mATE", "trans_err"), ("mASE", "scale_err"), ("mAOE", "orient_err"), ("mAVE", "vel_err"),
@@ -66,29 +70,52 @@ def read_grid(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
-def run_variant(variant: Mapping[str, Any], config: str, cache: str, dataroot: str, version: str, train_split: str,
-                eval_split: str, out_dir: str) -> dict[str, Any]:
-    """Train one variant (student from the cache, or a baseline) and evaluate it; return its table row."""
+def variant_run(variant: Mapping[str, Any], out_dir: str) -> str:
+    """A variant's run folder: its own `run` when it names one (e.g. a finished run to reuse), else OUT/NAME."""
+    return str(variant.get("run") or Path(out_dir) / variant["name"])
+
+
+def train_variant(variant: Mapping[str, Any], config: str, cache: str | None, dataroot: str, version: str,
+                  train_split: str, out_dir: str) -> tuple[str, float, bool]:
+    """Train one variant (student from the cache, or a baseline), or find it trained.
+
+    A run folder that holds a finished run of the same config and identity is reused (one with
+    other settings is refused, as fit refuses it). Returns (model file, training seconds, reused):
+    a reused run reports the seconds recorded when it trained.
+    """
     from pipeline.distill_task import distill_task, plan_student
-    from pipeline.evaluator import evaluate_model
     from pipeline.index import load_index
     from pipeline.train_tasks import detection_task
     from pipeline.trainer import fit
 
-    start = time.time()
+    start = time.perf_counter()
     cfg = load_config(config, variant["overrides"])
-    run = str(Path(out_dir) / variant["name"])
+    run = variant_run(variant, out_dir)
     if variant["baseline"]:
-        model = fit(cfg, dataroot, version, train_split, run, detection_task, identity={"stage": "sweep_baseline"})
+        task, loop, identity = detection_task, None, {"stage": "sweep_baseline"}
     else:
         tokens = [r["token"] for r in load_index(dataroot, version, train_split)]
         loop, identity = plan_student(cfg, version, train_split, tokens, cache=cache)
-        model = fit(cfg, dataroot, version, train_split, run, distill_task, identity=identity,
-                    extra_loop_config=loop)
-    summary = evaluate_model(model, dataroot, version, eval_split, Path(run) / "eval", render=False)
+        task = distill_task
+    model = finished_model(run, cfg, dataroot, version, train_split, identity)
+    reused = model is not None
+    if not reused:
+        model = fit(cfg, dataroot, version, train_split, run, task, identity=identity, extra_loop_config=loop)
+    seconds = time.perf_counter() - start
+    if storage.is_url(run):  # times are kept beside local runs only
+        return model, seconds, reused
+    return model, StepTimes(Path(run) / TIMES_FILE).record("train", seconds, reused), reused
+
+
+def run_variant(variant: Mapping[str, Any], config: str, cache: str, dataroot: str, version: str, train_split: str,
+                eval_split: str, out_dir: str) -> dict[str, Any]:
+    """Train one variant and evaluate it (each reused when finished before); return its table row."""
+    model, train_seconds, _ = train_variant(variant, config, cache, dataroot, version, train_split, out_dir)
+    summary, eval_seconds, _ = evaluate_once(model, dataroot, version, eval_split,
+                                             Path(variant_run(variant, out_dir)) / "eval")
     row = {"variant": variant["name"], "kind": "baseline" if variant["baseline"] else "distilled",
            "overrides": " ".join(variant["overrides"]), "mAP": summary["mean_ap"], "NDS": summary["nd_score"],
-           "minutes": (time.time() - start) / 60.0}
+           "minutes": (train_seconds + eval_seconds) / 60.0}
     row.update({short: summary["tp_errors"][key] for short, key in TP_KEYS})
     return row
 

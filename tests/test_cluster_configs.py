@@ -14,7 +14,7 @@ import yaml
 from tests.conftest import REPO
 
 CLUSTER = REPO / "cluster"
-STAGES = ("train_teacher", "train_student", "evaluate", "cache_teacher", "sweep_students")
+STAGES = ("train_teacher", "train_student", "evaluate", "cache_teacher", "sweep_students", "paper_table")
 
 
 def parse_stage_command(command: str) -> tuple[str, list[str]]:
