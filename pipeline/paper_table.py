@@ -357,7 +357,7 @@ def write_outputs(runner: TableRunner, seconds: float) -> Path:
                  f"Overrides: {' '.join(runner.overrides) or 'none'}.",
              f"Wall time of the table's steps when they ran: {sum(spent) / 60:.1f} min (training "
              f"{spent[0] / 60:.1f}, caching {spent[1] / 60:.1f}, evaluation {spent[2] / 60:.1f}; the ablation's "
-             f"in its rows); this call took {seconds / 60:.1f} min. Per-run minutes in [results.csv](results.csv), "
+             f"in its rows); this call took {seconds / 60:.1f} min. Training minutes per run in [results.csv](results.csv), "
              "the chart in [results.png](results.png).",
              "The paper reports gains of +2.0 to +3.2 mAP / NDS points on nuScenes.", "",
              *[f"Scored with {line}" for line in detection_config_lines(runner)], *ablation_lines(runner)]

@@ -27,7 +27,8 @@ ALL_PATHS = "lidar_to_camera,fusion_to_camera,camera_to_lidar,fusion_to_lidar"
 def build_parser() -> argparse.ArgumentParser:
     """The stage's command line."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, type=Path, help="folder for the runs, caches, evaluations and tables")
+    ap.add_argument("--out", required=True, type=Path,
+                    help="folder for the runs, caches, evaluations and tables (absolute under `ray job submit`)")
     ap.add_argument("--paths", default=ALL_PATHS, help=f"comma-separated distillation paths (default: {ALL_PATHS})")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds of baselines and students (0,1,2)")
     ap.add_argument("--preset", default="tiny", help="config prefix: PRESET_lidar, PRESET_lidar_to_camera, ... (tiny)")
