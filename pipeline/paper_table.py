@@ -298,9 +298,9 @@ class TableRunner:
         out = []
         for cell in self.plan.cells:
             summary, seconds = self.results[cell.run]
-            out.append({"path": cell.path, "role": cell.role, "seed": cell.seed, "config": self.plan.runs[cell.run].config,
-                        "mAP": summary["mean_ap"], "NDS": summary["nd_score"], "minutes": seconds / 60,
-                        "run": cell.run})
+            out.append({"path": cell.path, "role": cell.role, "seed": cell.seed,
+                        "config": self.plan.runs[cell.run].config, "mAP": summary["mean_ap"],
+                        "NDS": summary["nd_score"], "minutes": seconds / 60, "run": cell.run})
         return out
 
 
@@ -357,8 +357,8 @@ def write_outputs(runner: TableRunner, seconds: float) -> Path:
                  f"Overrides: {' '.join(runner.overrides) or 'none'}.",
              f"Wall time of the table's steps when they ran: {sum(spent) / 60:.1f} min (training "
              f"{spent[0] / 60:.1f}, caching {spent[1] / 60:.1f}, evaluation {spent[2] / 60:.1f}; the ablation's "
-             f"in its rows); this call took {seconds / 60:.1f} min. Training minutes per run in [results.csv](results.csv), "
-             "the chart in [results.png](results.png).",
+             f"in its rows); this call took {seconds / 60:.1f} min. Training minutes per run in "
+             "[results.csv](results.csv), the chart in [results.png](results.png).",
              "The paper reports gains of +2.0 to +3.2 mAP / NDS points on nuScenes.", "",
              *[f"Scored with {line}" for line in detection_config_lines(runner)], *ablation_lines(runner)]
     md = format_results_md(rows, PATH_LABELS, before, after)
