@@ -33,6 +33,33 @@ def nusc(nusc_root: Path):
 REPO = Path(__file__).resolve().parents[1]
 
 
+@contextlib.contextmanager
+def deterministic_torch(seed: int, threads: int = 2) -> Iterator[None]:
+    """Torch seeded, on `threads` intra-op threads, with deterministic algorithms, for a test that
+    trains; the thread count, the determinism setting and the global RNG state are restored afterwards.
+
+    On one kind of CPU such a test then computes the same numbers run after run, whatever the
+    machine's core count (a reduction's rounding depends on how it is split over threads). Across
+    CPUs (AVX2 or AVX-512 kernels round differently) a few hundred steps still diverge, so a bound
+    reached by training must also hold with margin over seeds and thread counts.
+    """
+    import torch
+
+    threads_before = torch.get_num_threads()
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    warn_only_before = torch.is_deterministic_algorithms_warn_only_enabled()
+    rng_before = torch.get_rng_state()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic_before, warn_only=warn_only_before)
+        torch.set_num_threads(threads_before)
+        torch.set_rng_state(rng_before)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     import socket
