@@ -2,7 +2,8 @@
 
 Order of preference (DESIGN §4):
 1. an explicit `--address` (or `RAY_ADDRESS`, which `ray job submit` sets for its entrypoint);
-2. a cluster already running on this machine (`cluster/local_cluster.sh start`);
+2. a cluster already running on this machine (`cluster/local_cluster.sh start`, or any `ray start`),
+   never another process's in-process cluster (it would die with that process);
 3. a new single-node cluster inside this process, bound to 127.0.0.1 only (DESIGN §5), which is
    stopped again when the stage ends.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+from typing import Any, Iterator
 
 LOOPBACK = "127.0.0.1"
 OBJECT_STORE_BYTES = 1 << 30  # 1 GiB is plenty for the compact rows the stages move
@@ -60,11 +61,58 @@ def loopback_environment() -> None:
         os.environ.setdefault(key, value)
 
 
-def _running_local_cluster() -> bool:
-    """True when a Ray cluster started with `ray start` is running on this machine."""
-    from ray._private.services import find_gcs_addresses
+def _started_by_ray_start(gcs: Any) -> bool:
+    """Whether a GCS process belongs to a cluster started with `ray start`, not to another driver's
+    in-process cluster (`ray.init()` without an address), which dies with that driver.
 
-    return bool(find_gcs_addresses())
+    `ray start` leaves its GCS orphaned (or parented by `ray start --block`); an in-process
+    cluster's GCS is the child of the Python process that called `ray.init()`.
+    """
+    import ray  # noqa: F401  (puts Ray's packaged psutil on sys.path)
+    import psutil
+
+    try:
+        parent = gcs.parent()
+        if parent is None or parent.pid == 1:
+            return True
+        command = " ".join(parent.cmdline())
+        return "ray start" in command or not parent.name().lower().startswith("python")
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def ray_start_gcs_processes() -> list[Any]:
+    """The GCS processes on this machine of clusters started with `ray start`."""
+    import ray  # noqa: F401  (puts Ray's packaged psutil on sys.path)
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["name", "status"]):
+        if ((proc.info["name"] or "").startswith("gcs_server") and proc.info["status"] != psutil.STATUS_ZOMBIE
+                and _started_by_ray_start(proc)):
+            found.append(proc)
+    return found
+
+
+def _gcs_address(gcs: Any) -> str | None:
+    """'ip:port' of a GCS process, from the flags Ray starts it with."""
+    flags = dict(arg.lstrip("-").split("=", 1) for arg in gcs.cmdline() if arg.startswith("--") and "=" in arg)
+    ip, port = flags.get("node-ip-address"), flags.get("gcs_server_port")
+    return f"{ip}:{port}" if ip and port else None
+
+
+def _running_local_cluster() -> str | None:
+    """The address of a Ray cluster started with `ray start` on this machine, if one is running.
+
+    Another process's in-process cluster does not count: joining it (what Ray's own address
+    discovery, address='auto', would do) ties this job to that process's lifetime; it loses its
+    actors and objects when that process exits.
+    """
+    for gcs in ray_start_gcs_processes():
+        address = _gcs_address(gcs)
+        if address:
+            return address
+    return None
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, log: bool = True) -> bool:
@@ -81,8 +129,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log: bool 
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if address is None and _running_local_cluster():
-        address = "auto"
+    if address is None:
+        address = _running_local_cluster()
     if address is not None:
         ray.init(address=address, log_to_driver=log, runtime_env=job_runtime_env() or None)
         return False

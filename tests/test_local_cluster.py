@@ -37,3 +37,44 @@ def test_stop_leaves_no_process_of_the_cluster_and_spares_other_clusters():
     finally:
         for env in envs:
             subprocess.run([script, "stop"], env=env, capture_output=True, timeout=120)
+
+
+def test_another_drivers_in_process_cluster_is_not_joined():
+    """A stage started while another process runs its own in-process cluster (ray.init() without an
+    address) starts its own instead of joining that one, which would die with its driver and take the
+    stage's actors and objects with it (seen: two experiments run side by side, one lost its
+    evaluation when the other finished). Clusters of `ray start` (local_cluster.sh) are still joined."""
+    import os
+    import time
+
+    from pipeline.ray_env import _running_local_cluster, _started_by_ray_start, ray_start_gcs_processes
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    code = ("import pipeline.ray_env as e, ray, time; e.loopback_environment(); "
+            "ray.init(num_cpus=1, include_dashboard=False); print('up', flush=True); time.sleep(300)")
+    driver = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    script, port = str(REPO / "cluster" / "local_cluster.sh"), free_port()
+    try:
+        assert driver.stdout.readline().strip() == "up"
+        import ray  # noqa: F401  (puts Ray's packaged psutil on sys.path)
+        import psutil
+
+        deadline = time.time() + 30
+        gcs = []
+        while not gcs and time.time() < deadline:
+            gcs = [c for c in psutil.Process(driver.pid).children(recursive=True) if c.name().startswith("gcs_server")]
+            time.sleep(0.5)
+        assert gcs, "the in-process cluster runs a GCS server under its driver"
+        assert not _started_by_ray_start(gcs[0])
+        assert gcs[0].pid not in [p.pid for p in ray_start_gcs_processes()]
+
+        started = subprocess.run([script, "start", "--cpus", "1"], env=cluster_env(port), capture_output=True,
+                                 text=True, timeout=180)
+        assert started.returncode == 0, started.stdout + started.stderr
+        ours = [int(line.split()[0]) for line in processes_of(port) if "gcs_server" in line]
+        assert ours and set(ours) <= {p.pid for p in ray_start_gcs_processes()}
+        assert _running_local_cluster() == f"127.0.0.1:{port}"
+    finally:
+        driver.kill()
+        driver.wait(timeout=60)
+        subprocess.run([script, "stop"], env=cluster_env(port), capture_output=True, timeout=120)
