@@ -32,6 +32,8 @@ def test_small_presets_share_the_near_range_setting(name: str):
     d0, d1, _ = cfg["model"]["camera_encoder"]["d_bound"]
     assert d0 <= 1.0 and d1 >= float(np.hypot(grid.x_min, grid.y_min))
     assert cfg["model"]["camera_encoder"]["depth_loss_weight"] > 0
+    # image features at stride 8 of 128x352 images: 16x44 per camera (tiny: 4x11, too coarse to learn)
+    assert cfg["data"]["image_size"] == [128, 352] and cfg["model"]["camera_encoder"]["neck_strides"][1] == 1
     assert cfg["eval"]["max_range"] <= -grid.x_min
     if "_to_" in name:
         teacher, student = name.removeprefix("small_").split("_to_")
