@@ -95,8 +95,14 @@ def ray_start_gcs_processes() -> list[Any]:
 
 
 def _gcs_address(gcs: Any) -> str | None:
-    """'ip:port' of a GCS process, from the flags Ray starts it with."""
-    flags = dict(arg.lstrip("-").split("=", 1) for arg in gcs.cmdline() if arg.startswith("--") and "=" in arg)
+    """'ip:port' of a GCS process, from the flags Ray starts it with; None if it has exited meanwhile."""
+    import psutil  # Ray's packaged copy: the caller found `gcs` through it
+
+    try:
+        cmdline = gcs.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+    flags = dict(arg.lstrip("-").split("=", 1) for arg in cmdline if arg.startswith("--") and "=" in arg)
     ip, port = flags.get("node-ip-address"), flags.get("gcs_server_port")
     return f"{ip}:{port}" if ip and port else None
 
