@@ -36,15 +36,21 @@ FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY
                  "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "GOOGLE_APPLICATION_CREDENTIALS")
 
 
-def job_runtime_env() -> dict:
-    """runtime_env of this driver's job: the FORWARDED_ENV variables that are set here.
+def job_runtime_env(address: str | None = None) -> dict:
+    """runtime_env of this driver's job: the FORWARDED_ENV variables that are set here, and
+    RAY_ADDRESS when `address` names a cluster's GCS ('host:port').
 
+    RAY_ADDRESS lets Ray's own helper actors (Ray Train's placement-group cleaner and run-state
+    actor query the State API without an address) find their cluster when several run on one
+    machine, as in the tests; without it they die with "Found multiple active Ray instances".
     Empty under `ray job submit`, whose job already carries its runtime_env (pass variables with
     --runtime-env-json there).
     """
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
         return {}
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    if address and "://" not in address and address != "auto":
+        env["RAY_ADDRESS"] = address
     return {"env_vars": env} if env else {}
 
 
@@ -138,7 +144,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log: bool 
     if address is None:
         address = _running_local_cluster()
     if address is not None:
-        ray.init(address=address, log_to_driver=log, runtime_env=job_runtime_env() or None)
+        ray.init(address=address, log_to_driver=log, runtime_env=job_runtime_env(address) or None)
         return False
     # The dashboard (on 127.0.0.1) serves the State API that Ray Train's controller polls.
     ray.init(num_cpus=num_cpus, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=True,

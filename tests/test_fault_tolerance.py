@@ -83,7 +83,56 @@ def test_caching_spreads_over_two_nodes_and_matches_a_single_node_cache(two_node
 
 
 @pytest.mark.slow
+def test_a_training_worker_killed_mid_run_resumes_from_its_checkpoint(two_nodes, caches, nusc_root, tmp_path):
+    run = tmp_path / "student"
+    epochs = 20
+    args = [sys.executable, "stages/train_student.py", "--config", "tiny_lidar_to_camera", "--cache",
+            str(caches["dense2"][0]), "--dataroot", str(nusc_root), "--split", SPLIT, "--output", str(run),
+            "--set", f"train.epochs={epochs}", "--set", "train.batch_size=2", "--set", "runtime.loader_workers=0",
+            "--set", "runtime.max_failures=2", "--address", two_nodes["address"]]
+    log = tmp_path / "train.log"  # a file, not a pipe: nobody reads a pipe while the test polls
+    proc = subprocess.Popen(args, cwd=REPO, env=two_nodes["env"], stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    workers = []  # this cluster's training workers (others may be training too), known before the first epoch ends
+    while time.time() < deadline and not workers and proc.poll() is None:
+        workers = train_worker_pids(two_nodes["address"])
+    assert workers, "a training worker is running"
+    # A checkpoint counts once Ray Train has committed it (its snapshot lists it), not when its folder appears.
+    while time.time() < deadline and "epoch_0001" not in committed_checkpoints(run) and proc.poll() is None:
+        time.sleep(0.05)
+    if "epoch_0001" not in committed_checkpoints(run):
+        proc.kill()
+        pytest.fail(f"no checkpoint committed within 300 s (exit {proc.poll()}); the run's log ends:\n"
+                    + log.read_text()[-6000:])
+    for pid in workers:
+        os.kill(int(pid), signal.SIGKILL)
+    try:
+        proc.wait(timeout=600)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the run did not finish within 600 s of its worker's death; its log ends:\n"
+                    + log.read_text()[-6000:])
+    out = log.read_text()
+    assert proc.returncode == 0, out[-4000:]
+    # Ray Train's helper actors found their own cluster among the several on this machine (RAY_ADDRESS in the
+    # job's runtime_env, pipeline/ray_env.job_runtime_env).
+    assert "Found multiple active Ray instances" not in out, out[-4000:]
+    resumed = re.search(r"resuming from epoch (\d+)", out)
+    assert resumed and int(resumed.group(1)) < epochs, \
+        "the restarted worker group continued from a checkpoint:\n" + "\n".join(
+            line for line in out.splitlines() if "[train]" in line or "rror" in line)[-6000:]
+    from pipeline.run_log import read_metrics
+
+    steps = [r["step"] for r in read_metrics(run / "metrics.jsonl")]
+    assert steps == list(range(1, epochs * 3 + 1)), "no step lost or repeated in the log"
+    import torch
+
+    assert torch.load(run / "model.pt", weights_only=False)["extra"]["epoch"] == epochs
+
+
+@pytest.mark.slow
 def test_a_node_killed_mid_job_and_the_job_completes(two_nodes, tiny_teacher, nusc_root, tmp_path):
+    # The last test on `two_nodes`: it leaves the cluster with its worker node dead.
     uri = tmp_path / "cache"
     args = [sys.executable, "stages/cache_teacher.py", "--teacher", str(tiny_teacher), "--dataroot", str(nusc_root),
             "--split", SPLIT, "--cache", str(uri), "--shard-samples", "1", "--views", "3", "--teacher-batch", "1",
@@ -112,42 +161,6 @@ def test_a_node_killed_mid_job_and_the_job_completes(two_nodes, tiny_teacher, nu
             assert after[shard]["time"] == rec["time"], "finished shards are not rewritten"
     report = inspect.verify(str(uri))
     assert report["ok"] == list(range(6)) and not report["bad"] and not report["missing"]
-
-
-@pytest.mark.slow
-def test_a_training_worker_killed_mid_run_resumes_from_its_checkpoint(two_nodes, caches, nusc_root, tmp_path):
-    run = tmp_path / "student"
-    epochs = 20
-    args = [sys.executable, "stages/train_student.py", "--config", "tiny_lidar_to_camera", "--cache",
-            str(caches["dense2"][0]), "--dataroot", str(nusc_root), "--split", SPLIT, "--output", str(run),
-            "--set", f"train.epochs={epochs}", "--set", "train.batch_size=2", "--set", "runtime.loader_workers=0",
-            "--set", "runtime.max_failures=2", "--address", two_nodes["address"]]
-    log = tmp_path / "train.log"  # a file, not a pipe: nobody reads a pipe while the test polls
-    proc = subprocess.Popen(args, cwd=REPO, env=two_nodes["env"], stdout=log.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.time() + 300
-    workers = []  # this cluster's training workers (others may be training too), known before the first epoch ends
-    while time.time() < deadline and not workers and proc.poll() is None:
-        workers = train_worker_pids(two_nodes["address"])
-    assert workers, "a training worker is running"
-    # A checkpoint counts once Ray Train has committed it (its snapshot lists it), not when its folder appears.
-    while time.time() < deadline and "epoch_0001" not in committed_checkpoints(run):
-        time.sleep(0.05)
-    for pid in workers:
-        os.kill(int(pid), signal.SIGKILL)
-    proc.wait(timeout=900)
-    out = log.read_text()
-    assert proc.returncode == 0, out[-4000:]
-    resumed = re.search(r"resuming from epoch (\d+)", out)
-    assert resumed and int(resumed.group(1)) < epochs, \
-        "the restarted worker group continued from a checkpoint:\n" + "\n".join(
-            line for line in out.splitlines() if "[train]" in line or "rror" in line)[-6000:]
-    from pipeline.run_log import read_metrics
-
-    steps = [r["step"] for r in read_metrics(run / "metrics.jsonl")]
-    assert steps == list(range(1, epochs * 3 + 1)), "no step lost or repeated in the log"
-    import torch
-
-    assert torch.load(run / "model.pt", weights_only=False)["extra"]["epoch"] == epochs
 
 
 def test_an_unwritable_cache_location_is_a_clear_error(tiny_teacher, nusc_root, tmp_path):
