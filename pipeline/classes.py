@@ -64,7 +64,9 @@ def default_attribute(class_name: str, speed: float) -> str:
     if class_name in ("car", "truck", "construction_vehicle", "bus", "trailer"):
         if moving:
             return "vehicle.moving"
-        return "vehicle.stopped" if class_name in ("bus", "car", "truck") else "vehicle.parked"
+        # The devkit's (and mmdetection3d's, and the original's) convention: a standing bus waits at a
+        # stop, any other standing vehicle is parked.
+        return "vehicle.stopped" if class_name == "bus" else "vehicle.parked"
     if class_name in ("motorcycle", "bicycle"):
         return "cycle.with_rider" if moving else "cycle.without_rider"
     if class_name == "pedestrian":

@@ -3,7 +3,7 @@
 Built once through the devkit and stored as Parquet (pyarrow), one row per key-frame sample in
 scene order, then time order. Later runs read the Parquet file instead of opening the database
 (opening v1.0-trainval takes ~30 s and walking its sweeps a few minutes). The file lives under
-`<dataroot>/.index/<version>_<split>.parquet` by default, or under a user cache folder when the
+`<dataroot>/.index/<version>_<split>_sweeps<N>.parquet` by default, or under a user cache folder when the
 dataroot is read-only; it is rebuilt when missing, when built with other settings, or when the
 dataset's tables changed (size/mtime fingerprint in the file's metadata).
 
@@ -50,7 +50,7 @@ from pyquaternion import Quaternion
 
 from pipeline import nusc_db
 
-INDEX_SCHEMA_VERSION = "1"
+INDEX_SCHEMA_VERSION = "2"  # 2: vertical velocity dropped before the rotation into the LiDAR frame
 CAMERA_ORDER: tuple[str, ...] = (
     "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_FRONT_LEFT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT",
 )
@@ -119,6 +119,7 @@ def _annotations(nusc: NuScenes, sample: dict[str, Any], lidar2ego: np.ndarray,
         box.translate(-lidar2ego[:3, 3])
         box.rotate(l2e_q.inverse)
         vel = np.nan_to_num(nusc.box_velocity(ann_token), nan=0.0)  # global, m/s
+        vel[2] = 0.0  # ground-plane velocity only (as mmdetection3d): an ego pitch or roll must not turn vz into vx, vy
         vel = global2lidar_rot @ vel
         w, l, h = box.wlh
         yaw = box.orientation.yaw_pitch_roll[0]
@@ -204,13 +205,15 @@ def user_cache_dir() -> Path:
     return Path(base) / "unidistill" / "index"
 
 
-def index_path(dataroot: str | Path, version: str, split: str, cache_dir: str | Path | None = None) -> Path:
-    """Where the index of (version, split) is (or will be) stored.
+def index_path(dataroot: str | Path, version: str, split: str, cache_dir: str | Path | None = None,
+               max_sweeps: int = 10) -> Path:
+    """Where the index of (version, split, max_sweeps) is (or will be) stored.
 
     `cache_dir` if given; else `<dataroot>/.index/` if it can be written; else a per-dataroot
-    folder under `user_cache_dir()`.
+    folder under `user_cache_dir()`. The name carries every setting that changes the content, so
+    runs with different settings never overwrite each other's index.
     """
-    name = f"{version}_{split}.parquet"
+    name = f"{version}_{split}_sweeps{max_sweeps}.parquet"
     if cache_dir is not None:
         return Path(cache_dir) / name
     root = Path(dataroot).expanduser().resolve()
@@ -255,7 +258,7 @@ def build_index(dataroot: str | Path, version: str, split: str, cache_dir: str |
     nusc_db.check_split(version, split)
     if max_sweeps < 0:
         raise ValueError(f"max_sweeps must be >= 0, got {max_sweeps}")
-    path = index_path(root, version, split, cache_dir)
+    path = index_path(root, version, split, cache_dir, max_sweeps)
     expected = _metadata(root, version, split, max_sweeps)
     if not rebuild:
         table = _read_if_current(path, expected)

@@ -77,6 +77,41 @@ def _check_maps(nusc_root: Path, version: str) -> None:
             raise FileNotFoundError(f"map file {str(png)!r} named in {str(path)!r} is missing")
 
 
+# Add-ons whose table the devkit loads whenever <version>/<name>.json exists, with their label files
+# under <dataroot>/<name>/<version>/.
+LIDAR_ADDONS: tuple[str, ...] = ("lidarseg", "panoptic")
+
+
+def lidar_addon_problem(dataroot: str | Path, version: str) -> str | None:
+    """What is wrong with a partly installed nuScenes-lidarseg or -panoptic add-on, or None.
+
+    The devkit opens such an add-on whenever its table exists and then fails with a bare
+    AssertionError (label files missing or miscounted, or the old category.json without 'index').
+    The detection stages need neither add-on, so removing its table is a fix too.
+    """
+    root = Path(dataroot)
+    for name in LIDAR_ADDONS:
+        table = table_path(root, version, name)
+        if not table.is_file():
+            continue
+        remedy = (f"install nuScenes-{name} completely (extract its whole archive into {str(root)!r}) "
+                  f"or move {str(table)!r} away: detection does not need it")
+        labels = root / name / version
+        if not labels.is_dir():
+            return f"nuScenes-{name} is half installed: {str(table)!r} exists but its label folder " \
+                   f"{str(labels)!r} does not; {remedy}"
+        records = len(_read_table(table))
+        files = sum(1 for f in labels.iterdir() if f.suffix in (".bin", ".npz"))
+        if files != records:
+            return f"nuScenes-{name} is half installed: {str(table)!r} lists {records} label files but " \
+                   f"{str(labels)!r} holds {files}; {remedy}"
+        categories = _read_table(table_path(root, version, "category"))
+        if any("index" not in c for c in categories):
+            return f"nuScenes-{name} is half installed: {str(table_path(root, version, 'category'))!r} is " \
+                   f"the detection release's, without the 'index' field {name} needs; {remedy}"
+    return None
+
+
 def _read_table(path: Path) -> list:
     try:
         with open(path) as f:
@@ -89,7 +124,8 @@ def open_nuscenes(dataroot: str | Path, version: str, verbose: bool = False) -> 
     """The devkit's NuScenes for (dataroot, version), opened once per process and then reused.
 
     Raises FileNotFoundError (dataroot, version folder, table or map file missing) or ValueError
-    (unknown version, table not valid JSON) with the offending path in the message.
+    (unknown version, table not valid JSON, a half-installed lidarseg/panoptic add-on) with the
+    offending path in the message.
     """
     root = check_dataroot(dataroot, version)
     key = (str(root), version)
@@ -102,6 +138,11 @@ def open_nuscenes(dataroot: str | Path, version: str, verbose: bool = False) -> 
             except json.JSONDecodeError:
                 for name in TABLES:  # find and name the broken table (error path only)
                     _read_table(table_path(root, version, name))
+                raise
+            except (AssertionError, FileNotFoundError) as e:
+                problem = lidar_addon_problem(root, version)  # error path only: name what is half there
+                if problem:
+                    raise ValueError(problem) from e
                 raise
             _CACHE[key] = nusc
     return nusc

@@ -44,6 +44,12 @@ def test_box_to_global_by_hand():
     np.testing.assert_allclose(res["velocity"], [0.0, -1.0], atol=1e-9)
     assert res["detection_name"] == "car" and res["detection_score"] == pytest.approx(0.7)
     assert res["attribute_name"] == "vehicle.moving" and res["sample_token"] == "tok"
+    # Standing vehicles take the devkit's convention: parked, except a bus, which waits at a stop.
+    standing = box.copy()
+    standing[0, 7] = 0.0
+    labels = [CLASS_INDEX[n] for n in ("car", "truck", "trailer", "construction_vehicle", "bus")]
+    res = lidar_boxes_to_results(_row(), np.repeat(standing, 5, axis=0), np.linspace(0.9, 0.5, 5), np.array(labels))
+    assert [r["attribute_name"] for r in res] == ["vehicle.parked"] * 4 + ["vehicle.stopped"]
 
 
 def test_at_most_500_boxes_keeping_the_best_and_bad_labels_rejected():

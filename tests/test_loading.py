@@ -74,13 +74,19 @@ def test_index_is_built_once_then_read_from_parquet(nusc_root, tmp_path, monkeyp
     second = build_index(nusc_root, VERSION, "mini_val", cache_dir=tmp_path)
     assert second.equals(first)
     assert path.stat().st_mtime_ns == mtime
-    # Other settings are not served from the stale file: they need the devkit again.
+    # Other settings are not served from the stale file: they need the devkit again ...
     with pytest.raises(AssertionError, match="devkit was opened"):
         build_index(nusc_root, VERSION, "mini_val", cache_dir=tmp_path, max_sweeps=2)
+    # ... and get a file of their own: runs with different sweeps never overwrite each other's index.
+    monkeypatch.undo()
+    two = build_index(nusc_root, VERSION, "mini_val", cache_dir=tmp_path, max_sweeps=2)
+    other = index_path(nusc_root, VERSION, "mini_val", cache_dir=tmp_path, max_sweeps=2)
+    assert other != path and other.is_file() and read_index_metadata(other)["max_sweeps"] == "2"
+    assert path.stat().st_mtime_ns == mtime and not two.equals(first)
 
 
 def test_index_default_location_and_fallback(dataset_copy, tmp_path, monkeypatch):
-    assert index_path(dataset_copy, VERSION, "mini_val") == dataset_copy / ".index" / "v1.0-mini_mini_val.parquet"
+    assert index_path(dataset_copy, VERSION, "mini_val") == dataset_copy / ".index" / "v1.0-mini_mini_val_sweeps10.parquet"
     # A dataroot where .index cannot be made (here: a file of that name) falls back to the user cache.
     (dataset_copy / ".index").rmdir()  # index_path made it, empty
     (dataset_copy / ".index").write_text("not a folder")
@@ -323,6 +329,54 @@ def test_missing_table_is_named(dataset_copy):
     (dataset_copy / VERSION / "sample_annotation.json").unlink()
     with pytest.raises(FileNotFoundError, match="sample_annotation.json"):
         nusc_db.open_nuscenes(dataset_copy, VERSION)
+
+
+def test_half_installed_lidarseg_is_named(dataset_copy):
+    """The devkit loads lidarseg whenever its table exists and then fails with a bare AssertionError."""
+    import json
+
+    (dataset_copy / VERSION / "lidarseg.json").write_text(json.dumps(
+        [{"token": "a", "sample_data_token": "x", "filename": "lidarseg/v1.0-mini/a_lidarseg.bin"},
+         {"token": "b", "sample_data_token": "y", "filename": "lidarseg/v1.0-mini/b_lidarseg.bin"}]))
+    with pytest.raises(ValueError, match="nuScenes-lidarseg is half installed.*label folder.*lidarseg/v1.0-mini"):
+        nusc_db.open_nuscenes(dataset_copy, VERSION)
+    labels = dataset_copy / "lidarseg" / VERSION
+    labels.mkdir(parents=True)
+    (labels / "a_lidarseg.bin").write_bytes(b"\0" * 8)
+    with pytest.raises(ValueError, match="lists 2 label files but .* holds 1; install nuScenes-lidarseg completely"):
+        nusc_db.open_nuscenes(dataset_copy, VERSION)
+
+
+def test_vertical_velocity_is_dropped_before_the_rotation_into_the_lidar_frame(dataset_copy, tmp_path):
+    """With a pitched ego and objects that climb, the LiDAR-frame velocity is the rotated ground-plane one."""
+    import json
+
+    poses = json.loads((dataset_copy / VERSION / "ego_pose.json").read_text())
+    pitch = Quaternion(axis=[0, 1, 0], degrees=8.0)
+    for pose in poses:
+        pose["rotation"] = list((Quaternion(pose["rotation"]) * pitch).elements)
+    (dataset_copy / VERSION / "ego_pose.json").write_text(json.dumps(poses))
+    anns = json.loads((dataset_copy / VERSION / "sample_annotation.json").read_text())
+    stamps = {s["token"]: s["timestamp"] for s in json.loads((dataset_copy / VERSION / "sample.json").read_text())}
+    for ann in anns:  # every object climbs at 3 m/s
+        ann["translation"][2] += 3.0 * stamps[ann["sample_token"]] * 1e-6
+    (dataset_copy / VERSION / "sample_annotation.json").write_text(json.dumps(anns))
+    rows = load_index(dataset_copy, VERSION, "mini_val", cache_dir=tmp_path / "idx")
+    nusc = nusc_db.open_nuscenes(dataset_copy, VERSION)
+    checked = 0
+    for row in rows[:3]:
+        global2lidar = np.linalg.inv(np.asarray(row["ego2global"]).reshape(4, 4)
+                                     @ np.asarray(row["lidar2ego"]).reshape(4, 4))[:3, :3]
+        boxes = np.asarray(row["gt_boxes"]).reshape(-1, 9)
+        for token, box in zip(row["gt_tokens"], boxes):
+            vel = np.nan_to_num(nusc.box_velocity(token), nan=0.0)
+            if not np.any(vel[:2]):
+                continue
+            assert abs(vel[2] - 3.0) < 1e-6  # the climb is in the global velocity ...
+            ground = global2lidar @ np.array([vel[0], vel[1], 0.0])
+            np.testing.assert_allclose(box[7:9], ground[:2], atol=1e-6)  # ... but not in the box's
+            checked += 1
+    assert checked > 10
 
 
 def test_missing_sample_file_names_file_and_token(dataset_copy, data_cfg, tmp_path):
