@@ -11,7 +11,10 @@
 #
 # Stages find the running cluster by themselves; jobs go to it with
 #   ray job submit --address http://127.0.0.1:8265 --working-dir . -- python stages/X.py ...
-# Ports: RAY_PORT (GCS, default 6379), RAY_DASHBOARD_PORT (default 8265), RAY_CLIENT_PORT (RAY_PORT + 1).
+# Ports: RAY_PORT (GCS, default 6379), RAY_DASHBOARD_PORT (default 8265), RAY_CLIENT_PORT (RAY_PORT + 1),
+# RAY_DASHBOARD_AGENT_PORT (each node's job agent; default 0, a free port: with Ray's fixed 52365 a
+# second cluster on the machine, or an in-process one, leaves this one's agent without its HTTP
+# server, and every `ray job submit` to it fails with "No available agent to submit job").
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -28,6 +31,7 @@ export RAY_TRAIN_ENABLE_PRINT_PATCH=0
 ip=127.0.0.1
 port="${RAY_PORT:-6379}"
 dash="${RAY_DASHBOARD_PORT:-8265}"
+agent_port="${RAY_DASHBOARD_AGENT_PORT:-0}"
 object_store=$((1024 * 1024 * 1024))
 # One temp dir per cluster, so `stop` can find exactly this cluster's processes.
 tmp="${RAY_LOCAL_TMPDIR:-/tmp/ray_local_$port}"
@@ -37,7 +41,7 @@ usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 add_worker() {  # through join_local_node.py: plain `ray start --address` would leave loopback
     local cpus="$1"
     python "$here/cluster/join_local_node.py" --address "$ip:$port" --node-ip-address "$ip" --num-cpus "$cpus" \
-        --object-store-memory "$object_store" --disable-usage-stats >/dev/null
+        --object-store-memory "$object_store" --disable-usage-stats --dashboard-agent-listen-port "$agent_port" >/dev/null
 }
 
 cluster_pids() {  # this cluster's processes (naming its session or address) and their descendants
@@ -99,10 +103,13 @@ case "$cmd" in
     start)
         args=(--head --node-ip-address "$ip" --port "$port" --dashboard-host "$ip" --dashboard-port "$dash"
               --object-store-memory "$object_store" --disable-usage-stats --temp-dir "$tmp"
-              --ray-client-server-port "${RAY_CLIENT_PORT:-$((port + 1))}")
+              --ray-client-server-port "${RAY_CLIENT_PORT:-$((port + 1))}" --dashboard-agent-listen-port "$agent_port")
         [ -n "$cpus" ] && args+=(--num-cpus "$cpus")
         ray start "${args[@]}" >/dev/null
         for _ in $(seq 1 "$workers"); do add_worker "$worker_cpus"; done
+        # `ray start` returns before the head's job agent registers; the dashboard waits only 10 s for
+        # one, so on a loaded machine the first `ray job submit` would fail. Return ready for jobs.
+        python "$here/cluster/wait_job_agent.py" --address "$ip:$port" || true
         status
         ;;
     add-worker) add_worker "$worker_cpus"; status ;;

@@ -22,6 +22,13 @@ def test_stop_leaves_no_process_of_the_cluster_and_spares_other_clusters():
             started = subprocess.run([script, "start", "--cpus", "1"], env=env, capture_output=True, text=True,
                                      timeout=180)
             assert started.returncode == 0, started.stdout + started.stderr
+        # Both accept a job right away: each node's job agent listens on a port of its own (with Ray's
+        # fixed default the second cluster's agent had no HTTP server and refused every submission).
+        for env in envs:
+            submitted = subprocess.run(["ray", "job", "submit", "--no-wait", "--address",
+                                        f"http://127.0.0.1:{env['RAY_DASHBOARD_PORT']}", "--", "python", "-c", "pass"],
+                                       env=env, capture_output=True, text=True, timeout=120)
+            assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
         # A driver that runs a task, so the cluster has worker processes too.
         code = "import pipeline, ray; ray.init(address='127.0.0.1:%d'); print(ray.get(ray.remote(lambda: 7).remote()))"
         ran = subprocess.run([sys.executable, "-c", code % ports[0]], env=envs[0], capture_output=True, text=True,
