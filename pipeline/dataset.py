@@ -24,11 +24,16 @@ import torch
 from pipeline import augment
 from pipeline.classes import CLASS_NAMES, NUM_CLASSES
 from pipeline.grid import BEVGrid
-from pipeline.index import load_index
+from pipeline.index import index_rows, load_index
 from pipeline.loading import filter_gt, load_sample
 from pipeline.sample import Sample
 
 INDEX_SWEEPS = 10  # sweeps listed in the index; a config may load fewer
+
+
+def index_sweeps(cfg: Mapping[str, Any]) -> int:
+    """Sweeps the index of a run with this config lists (one index serves every preset up to 10)."""
+    return max(INDEX_SWEEPS, int(cfg["data"]["lidar_sweeps"]))
 
 
 def view_rng(seed: int, epoch: int, item: int, stream: int) -> np.random.Generator:
@@ -103,6 +108,8 @@ class DetectionDataset(torch.utils.data.Dataset):
         train: random augmentation (and CBGS if cfg data.cbgs) if True, else the eval transform.
         seed: base seed of augmentation and CBGS.
         cache_dir: where the sample index is kept (default: see pipeline.index.index_path).
+        index: the split's index as shared by the driver (pipeline.index.share_index: an ObjectRef,
+            or the table); None builds or reads it here, which only local, single-process uses should do.
         with_images: False skips the cameras' images (LiDAR-only models); samples then lack
             `images` and `ida`.
     Returns per item: token, points float32 [N, 5], images float32 [C, 3, H, W], intrinsics
@@ -111,7 +118,8 @@ class DetectionDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, dataroot: str | Path, version: str, split: str, cfg: Mapping[str, Any], train: bool,
-                 seed: int = 0, cache_dir: str | Path | None = None, with_images: bool = True) -> None:
+                 seed: int = 0, cache_dir: str | Path | None = None, with_images: bool = True,
+                 index: Any = None) -> None:
         self.dataroot = Path(dataroot)
         self.data_cfg = cfg["data"]
         self.grid = BEVGrid.from_config(cfg["grid"])
@@ -122,8 +130,10 @@ class DetectionDataset(torch.utils.data.Dataset):
         self.out_hw = tuple(int(x) for x in self.data_cfg["image_size"])
         self.mean = np.asarray(self.data_cfg["image_mean"], dtype=np.float32)
         self.std = np.asarray(self.data_cfg["image_std"], dtype=np.float32)
-        sweeps = max(INDEX_SWEEPS, int(self.data_cfg["lidar_sweeps"]))
-        self.rows = load_index(self.dataroot, version, split, cache_dir=cache_dir, max_sweeps=sweeps)
+        if index is not None:
+            self.rows = index_rows(index)
+        else:
+            self.rows = load_index(self.dataroot, version, split, cache_dir=cache_dir, max_sweeps=index_sweeps(cfg))
         if self.train and self.data_cfg.get("cbgs", False):
             self.indices = cbgs_indices(self.rows, int(self.data_cfg["min_points_in_box"]), self.seed)
         else:

@@ -29,6 +29,7 @@ from pipeline.classes import CLASS_NAMES
 from pipeline.collate import collate
 from pipeline.config import ConfigError
 from pipeline.dataset import DetectionDataset, view_rng
+from pipeline.loading import sweep_padding
 from pipeline.grid import BEVGrid
 from pipeline.sample import Sample
 from pipeline.train_loop import TrainTask, unwrap
@@ -91,8 +92,11 @@ def distill_settings(cfg: Mapping[str, Any], teacher_modality: str, student: BEV
 
 def check_online_teacher(teacher_cfg: Mapping[str, Any], student_cfg: Mapping[str, Any], path: str) -> None:
     """An online teacher sees the student's batches: its input settings and grid must be the student's."""
-    differ = differing_fields({"grid": teacher_cfg["grid"], "data": {k: teacher_cfg["data"][k] for k in SHARED_INPUTS}},
-                              {"grid": student_cfg["grid"], "data": {k: student_cfg["data"][k] for k in SHARED_INPUTS}})
+    def inputs(cfg: Mapping[str, Any]) -> dict[str, Any]:
+        return {"grid": cfg["grid"], "data": {**{k: cfg["data"][k] for k in SHARED_INPUTS},
+                                              "lidar_sweep_padding": sweep_padding(cfg["data"])}}
+
+    differ = differing_fields(inputs(teacher_cfg), inputs(student_cfg))
     if differ:
         raise CacheMismatchError(f"teacher {path} was built for other inputs than the student's "
                                  f"(differing: {', '.join(differ)})", differ)
@@ -179,8 +183,8 @@ def distill_task(loop_config: Mapping[str, Any], device: torch.device) -> TrainT
         teacher.eval().requires_grad_(False)
     needs_images = student.modality != "lidar" or (teacher is not None and teacher.modality != "lidar")
     base = DetectionDataset(loop_config["dataroot"], loop_config["version"], loop_config["split"], cfg, train=True,
-                            seed=int(cfg["train"]["seed"]), cache_dir=loop_config.get("index_dir"),
-                            with_images=needs_images)
+                            seed=int(cfg["train"]["seed"]),
+                            with_images=needs_images, index=loop_config.get("index"))
     policy = loop_config["view_policy"]
     dataset = DistillDataset(base, reader, policy)
     losses = DistillLosses(student.grid, teacher, warp=reader is not None and policy == "warp")

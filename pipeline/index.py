@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from filelock import FileLock
 from nuscenes.eval.detection.utils import category_to_detection_name
 from nuscenes.nuscenes import NuScenes
 from nuscenes.utils.geometry_utils import transform_matrix
@@ -264,20 +265,48 @@ def build_index(dataroot: str | Path, version: str, split: str, cache_dir: str |
         table = _read_if_current(path, expected)
         if table is not None:
             return table
-    nusc = nusc_db.open_nuscenes(root, version)
-    table = index_table_from_nuscenes(nusc, split, max_sweeps)
-    table = table.replace_schema_metadata(expected)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Write to a temp file and rename, so a concurrent reader never sees a half-written index.
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    # Concurrent builders on one machine (loader processes of a node) wait for one build: opening
+    # v1.0-trainval takes ~30 s and several GB per process.
+    with FileLock(str(path) + ".lock"):
+        if not rebuild:
+            table = _read_if_current(path, expected)  # built by another process while this one waited
+            if table is not None:
+                return table
+        nusc = nusc_db.open_nuscenes(root, version)
+        table = index_table_from_nuscenes(nusc, split, max_sweeps)
+        table = table.replace_schema_metadata(expected)
+        # Write to a temp file and rename, so a reader never sees a half-written index.
+        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            pq.write_table(table, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return table
+
+
+def share_index(dataroot: str | Path, version: str, split: str, max_sweeps: int = 10) -> Any:
+    """Build (or find) the split's index here, in the driver, and put it in Ray's object store.
+
+    Workers, inference actors and cache loaders get the returned ObjectRef and read their rows from
+    it (`index_rows`), so they never open the devkit or need the driver's index file (on a
+    read-only dataroot that file is in the driver's own ~/.cache).
+    """
+    import ray
+
+    return ray.put(build_index(dataroot, version, split, max_sweeps=max_sweeps))
+
+
+def index_rows(index: Any) -> list[dict[str, Any]]:
+    """Rows of a shared index: an ObjectRef from `share_index`, or the table itself."""
+    if not isinstance(index, pa.Table):
+        import ray
+
+        index = ray.get(index)
+    return table_to_rows(index)
 
 
 _RESHAPE = {"lidar2ego": (4, 4), "ego2global": (4, 4), "sweep2lidar": (-1, 4, 4),

@@ -27,9 +27,10 @@ from pipeline.train_loop import to_device
 
 
 def eval_dataset(cfg: Mapping[str, Any], dataroot: str | Path, version: str, split: str,
-                 modality: str) -> DetectionDataset:
-    """The un-augmented samples of a split as a detector of `modality` needs them."""
-    return DetectionDataset(dataroot, version, split, cfg, train=False, with_images=modality != "lidar")
+                 modality: str, index: Any = None) -> DetectionDataset:
+    """The un-augmented samples of a split as a detector of `modality` needs them (`index`: the
+    split's index shared by the driver, see DetectionDataset)."""
+    return DetectionDataset(dataroot, version, split, cfg, train=False, with_images=modality != "lidar", index=index)
 
 
 class Predictor:
@@ -39,14 +40,16 @@ class Predictor:
         model_path: a model file (RUN_DIR/model.pt).
         dataroot, version, split: the data to run on.
         load_threads: threads loading a batch's samples.
+        index: the split's index shared by the driver (pipeline.index.share_index).
     """
 
-    def __init__(self, model_path: str, dataroot: str, version: str, split: str, load_threads: int = 2) -> None:
+    def __init__(self, model_path: str, dataroot: str, version: str, split: str, load_threads: int = 2,
+                 index: Any = None) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model, self.cfg = load_detector(model_path, device=device)
         self.model.eval()
         self.device = torch.device(device)
-        self.dataset = eval_dataset(self.cfg, dataroot, version, split, self.model.modality)
+        self.dataset = eval_dataset(self.cfg, dataroot, version, split, self.model.modality, index)
         self.pool = ThreadPoolExecutor(max_workers=max(1, load_threads))
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -66,15 +69,19 @@ class Predictor:
 
 def predict_split(model_path: str | Path, dataroot: str | Path, version: str, split: str, num_samples: int,
                   actors: int = 1, batch_size: int = 4, cpus_per_actor: float = 1.0,
-                  gpus_per_actor: float = 0.0) -> dict[str, list[dict]]:
-    """Run the model over every sample of the split with Ray Data; return {token: sample_results}."""
+                  gpus_per_actor: float = 0.0, index: Any = None) -> dict[str, list[dict]]:
+    """Run the model over every sample of the split with Ray Data; return {token: sample_results}.
+
+    `index`: the split's index shared by the driver (pipeline.index.share_index); the actors read
+    their rows from it instead of opening the devkit.
+    """
     import ray.data
 
     groups = [{"items": list(range(i, min(i + batch_size, num_samples)))} for i in range(0, num_samples, batch_size)]
     ds = ray.data.from_items(groups, override_num_blocks=max(1, min(len(groups), 4 * actors)))
     preds = ds.map_batches(
         Predictor, fn_constructor_kwargs={"model_path": str(model_path), "dataroot": str(dataroot),
-                                          "version": version, "split": split},
+                                          "version": version, "split": split, "index": index},
         batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, batch_format="numpy")
     results: dict[str, list[dict]] = {}

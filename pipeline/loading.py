@@ -59,8 +59,25 @@ def read_image(path: Path, token: str) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def load_points(row: Mapping[str, Any], dataroot: Path, num_sweeps: int) -> np.ndarray:
-    """Key-frame points plus up to `num_sweeps` previous sweeps, all in the key LiDAR frame. [N, 5]"""
+# data.lidar_sweep_padding: what a key frame with fewer listed sweeps than data.lidar_sweeps (at a
+# scene start) loads. "repeat" is the original release's info files (CenterPoint's convention): the
+# last sweep is repeated, or the key frame itself when there is none; "none" loads what exists.
+SWEEP_PADDING = ("none", "repeat")
+
+
+def sweep_padding(cfg_data: Mapping[str, Any]) -> str:
+    """The config's sweep padding; configs saved before the setting existed loaded no padding."""
+    value = cfg_data.get("lidar_sweep_padding", "none")
+    if value not in SWEEP_PADDING:
+        raise ValueError(f"data.lidar_sweep_padding: {value!r} is not one of {SWEEP_PADDING}")
+    return value
+
+
+def load_points(row: Mapping[str, Any], dataroot: Path, num_sweeps: int, pad: bool = False) -> np.ndarray:
+    """Key-frame points plus up to `num_sweeps` previous sweeps, all in the key LiDAR frame. [N, 5]
+
+    `pad`: always `num_sweeps` sweeps, the last one (or the key frame) repeated where fewer exist.
+    """
     token = row["token"]
     key = read_points(dataroot / row["lidar_path"], token)
     key[:, 4] = 0.0  # ring index -> time lag 0
@@ -73,6 +90,8 @@ def load_points(row: Mapping[str, Any], dataroot: Path, num_sweeps: int) -> np.n
         pts[:, :3] = pts[:, :3] @ mat[:3, :3].T.astype(np.float32) + mat[:3, 3].astype(np.float32)
         pts[:, 4] = (row["timestamp"] - row["sweep_timestamps"][i]) * 1e-6
         clouds.append(pts)
+    if pad:
+        clouds += [clouds[-1]] * (num_sweeps - n)
     return np.concatenate(clouds, axis=0).astype(np.float32, copy=False)
 
 
@@ -121,7 +140,7 @@ def load_sample(row: Mapping[str, Any], dataroot: str | Path, cfg_data: Mapping[
     """
     root = Path(dataroot)
     slots = camera_slots(row, cfg_data["cameras"])
-    points = load_points(row, root, int(cfg_data["lidar_sweeps"]))
+    points = load_points(row, root, int(cfg_data["lidar_sweeps"]), sweep_padding(cfg_data) == "repeat")
     intr = np.asarray(row["cam_intrinsics"], dtype=np.float64).reshape(-1, 3, 3)[slots]
     c2l = np.asarray(row["cam2lidar"], dtype=np.float64).reshape(-1, 4, 4)[slots]
     boxes, labels = filter_gt(row, int(cfg_data["min_points_in_box"]))

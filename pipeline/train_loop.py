@@ -5,7 +5,8 @@ the loop config) says what is trained and how its loss is computed; the loop doe
 data-parallel loading, AdamW + schedule, AMP on GPU, gradient clipping, metrics, one checkpoint
 per epoch through `ray.train.report`, and resuming from the run's latest checkpoint.
 
-Loop config keys: cfg (resolved run config), dataroot, version, split, index_dir, log_dir (local
+Loop config keys: cfg (resolved run config), dataroot, version, split, index (the split's index
+in Ray's object store, pipeline.index.share_index), log_dir (local
 folder for metrics on rank 0, or None), log_url (where to copy them after each epoch, or None),
 build_task (callable(loop_config, device) -> TrainTask).
 """

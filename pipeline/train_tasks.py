@@ -20,8 +20,8 @@ def training_dataset(loop_config: Mapping[str, Any], modality: str) -> Detection
     """The augmented training split of a run (images only when the modality uses them)."""
     cfg = loop_config["cfg"]
     return DetectionDataset(loop_config["dataroot"], loop_config["version"], loop_config["split"], cfg,
-                            train=True, seed=int(cfg["train"]["seed"]), cache_dir=loop_config.get("index_dir"),
-                            with_images=modality != "lidar")
+                            train=True, seed=int(cfg["train"]["seed"]),
+                            with_images=modality != "lidar", index=loop_config.get("index"))
 
 
 def detection_losses(model: nn.Module, extra: nn.ModuleDict, batch: dict) -> dict[str, torch.Tensor]:

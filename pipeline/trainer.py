@@ -23,7 +23,8 @@ import yaml
 from models.checkpoint import save_state_dict
 from pipeline import nusc_db, storage
 from pipeline.config import ConfigError, diff_keys
-from pipeline.index import build_index
+from pipeline.dataset import index_sweeps
+from pipeline.index import build_index, share_index
 from pipeline.ray_env import WORKER_ENV, ray_session
 from pipeline.train_loop import read_checkpoint_state, train_loop_per_worker
 
@@ -114,20 +115,23 @@ def fit(cfg: Mapping[str, Any], dataroot: str | Path, version: str, split: str, 
     root = str(Path(dataroot).expanduser().resolve())
     # Built (or found current) here, so that a bad dataset fails before Ray starts and the
     # workers only read the Parquet file.
-    build_index(root, version, split, max_sweeps=max(10, int(cfg["data"]["lidar_sweeps"])))
+    build_index(root, version, split, max_sweeps=index_sweeps(cfg))
     rt = cfg["runtime"]
     run_identity = {"dataroot": root, "version": version, "split": split, **dict(identity or {})}
     prepare_run_folder(output, cfg, run_identity)
     storage_path, name = storage.parent_and_name(output)
     local_logs = None if storage.is_url(output) else output
     loop_config = {"cfg": dict(cfg), "dataroot": root, "version": version, "split": split,
-                   "index_dir": None, "log_dir": local_logs, "log_url": output if storage.is_url(output) else None,
+                   "log_dir": local_logs, "log_url": output if storage.is_url(output) else None,
                    "build_task": build_task, **dict(extra_loop_config or {})}
     use_gpu = bool(rt["use_gpu"])
     resources = {"CPU": float(rt["cpus_per_worker"])}
     if use_gpu:
         resources["GPU"] = 1.0
     with ray_session(address):
+        # Workers read the index from the object store: they never open the devkit (tens of them
+        # at ~30 s and GBs each on v1.0-trainval) nor need this machine's index file.
+        loop_config["index"] = share_index(root, version, split, index_sweeps(cfg))
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config=loop_config,
             scaling_config=ScalingConfig(num_workers=int(rt["num_workers"]), use_gpu=use_gpu,

@@ -85,6 +85,57 @@ def test_index_is_built_once_then_read_from_parquet(nusc_root, tmp_path, monkeyp
     assert path.stat().st_mtime_ns == mtime and not two.equals(first)
 
 
+# A spy on the devkit's opening (the real one runs, 2 s late, as v1.0-trainval takes ~30 s); each
+# process waits for the `go` file so that both look for the index at once.
+_BUILDER = """
+import pathlib, sys, time
+from pipeline import nusc_db
+from pipeline.index import build_index
+real = nusc_db.open_nuscenes
+def spy(*args, **kwargs):
+    with open(sys.argv[3], "a") as f:
+        f.write("open\\n")
+    time.sleep(2)
+    return real(*args, **kwargs)
+nusc_db.open_nuscenes = spy
+go = pathlib.Path(sys.argv[4])
+while not go.exists():
+    time.sleep(0.01)
+print(build_index(sys.argv[1], "v1.0-mini", "mini_val", cache_dir=sys.argv[2]).num_rows)
+"""
+
+
+def test_concurrent_builders_wait_for_one_build(nusc_root, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    opens, go = tmp_path / "opens.txt", tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", _BUILDER, str(nusc_root), str(tmp_path / "idx"), str(opens),
+                               str(go)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    time.sleep(8)  # both processes have imported and are waiting
+    go.touch()
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    rows = {out.strip().splitlines()[-1] for out, _ in outs}
+    assert len(rows) == 1 and int(rows.pop()) > 0
+    assert opens.read_text().splitlines() == ["open"], "one process built the index, the other waited and read it"
+
+
+def test_a_dataset_given_the_shared_index_never_opens_the_devkit(nusc_root, dataset_copy, data_cfg):
+    table = build_index(nusc_root, VERSION, "mini_val", cache_dir=dataset_copy / "idx")
+    for name in nusc_db.TABLES:  # the worker's dataroot has the sensor files but no database
+        (dataset_copy / VERSION / f"{name}.json").unlink()
+    cfg = {**load_config("tiny_lidar"), "data": dict(load_config("tiny_lidar")["data"])}
+    ds = DetectionDataset(dataset_copy, VERSION, "mini_val", cfg, train=False, with_images=False, index=table)
+    assert len(ds) == table.num_rows and ds.get(0)["points"].shape[1] == 5
+    with pytest.raises(FileNotFoundError, match="table .*category.json. is missing"):
+        DetectionDataset(dataset_copy, VERSION, "mini_val", cfg, train=False, with_images=False)
+
+
 def test_index_default_location_and_fallback(dataset_copy, tmp_path, monkeypatch):
     assert index_path(dataset_copy, VERSION, "mini_val") == dataset_copy / ".index" / "v1.0-mini_mini_val_sweeps10.parquet"
     # A dataroot where .index cannot be made (here: a file of that name) falls back to the user cache.
@@ -181,6 +232,26 @@ def test_sweeps_have_increasing_lag_and_static_objects_stay_in_their_box(val_row
     assert ring <= 0.03 * inside
 
 
+def test_sweep_padding_at_a_scene_start_follows_the_original(val_rows, nusc_root, data_cfg):
+    """`repeat` (the paper preset, as the original's info files) always loads `lidar_sweeps` sweeps:
+    the last listed one repeated, or the key frame where the scene starts; `none` loads what exists."""
+    assert data_cfg["lidar_sweep_padding"] == "repeat" and load_config("tiny")["data"]["lidar_sweep_padding"] == "none"
+    start = next(r for r in val_rows if len(r["sweep_paths"]) == 0)
+    key = load_sample(start, nusc_root, dict(data_cfg, lidar_sweep_padding="none"), with_images=False)["points"]
+    padded = load_sample(start, nusc_root, dict(data_cfg, lidar_sweeps=3), with_images=False)["points"]
+    np.testing.assert_array_equal(padded, np.concatenate([key] * 4))
+    later = dict(next(r for r in val_rows if len(r["sweep_paths"]) >= 2))
+    for k in ("sweep_paths", "sweep_timestamps", "sweep2lidar"):  # as if the scene had started one sweep ago
+        later[k] = later[k][:1]
+    cfg = dict(data_cfg, lidar_sweeps=3)
+    lags = load_sample(later, nusc_root, cfg, with_images=False)["points"][:, 4]
+    one = load_sample(later, nusc_root, dict(cfg, lidar_sweep_padding="none"), with_images=False)["points"]
+    first_sweep = one[one[:, 4] > 0]
+    assert len(lags) == len(one) + 2 * len(first_sweep) and np.unique(lags).size == 2
+    with pytest.raises(ValueError, match="lidar_sweep_padding: 'last'"):
+        load_sample(later, nusc_root, dict(cfg, lidar_sweep_padding="last"), with_images=False)
+
+
 def test_cam2lidar_and_intrinsics_project_like_the_devkit(nusc, val_rows, data_cfg):
     projected = 0
     for row in val_rows[:3]:
@@ -206,7 +277,7 @@ def test_cam2lidar_and_intrinsics_project_like_the_devkit(nusc, val_rows, data_c
 
 def test_load_sample_contract_and_gt_filter(nusc, val_rows, nusc_root, data_cfg):
     row = max(val_rows, key=lambda r: len(r["gt_tokens"]))
-    s = load_sample(row, nusc_root, data_cfg)
+    s = load_sample(row, nusc_root, dict(data_cfg, lidar_sweep_padding="none"))  # lag 0 = the key frame only
     assert s["token"] == row["token"]
     assert s["points"].dtype == np.float32 and s["points"].shape[1] == 5
     key_pts = np.fromfile(nusc_root / row["lidar_path"], dtype=np.float32).reshape(-1, 5)

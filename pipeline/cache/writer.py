@@ -36,7 +36,7 @@ import re
 import socket
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -52,9 +52,10 @@ from pipeline.cache.schema import (DTYPES, SCHEMA_VERSION, STORAGE_MODES, CacheE
 from pipeline.cache.views import foreground_tiles, tile_mask, view_matrices
 from pipeline.classes import CLASS_NAMES
 from pipeline.collate import collate
-from pipeline.dataset import DetectionDataset, augment_bev
+from pipeline.dataset import DetectionDataset, augment_bev, index_sweeps
 from pipeline.grid import BEVGrid
-from pipeline.index import load_index
+from pipeline.index import load_index, share_index
+from pipeline.loading import sweep_padding
 from pipeline.inference import eval_dataset
 from pipeline.ray_env import ray_session
 from pipeline.sample import Sample
@@ -82,6 +83,15 @@ DEFAULT_VIEW_SEED = 0
 INPUT_KEYS = ("cameras", "lidar_sweeps", "image_size", "image_mean", "image_std", "min_points_in_box")
 
 
+def teacher_inputs(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The fingerprint's record of the teacher's input settings (INPUT_KEYS, and the sweep padding
+    where it is on: caches made before that setting existed keep their fingerprint)."""
+    inputs = {k: data[k] for k in INPUT_KEYS}
+    if sweep_padding(data) != "none":
+        inputs["lidar_sweep_padding"] = sweep_padding(data)
+    return inputs
+
+
 @dataclass(frozen=True)
 class CacheJob:
     """Everything a caching task needs (plain data, shipped to every Ray worker)."""
@@ -97,6 +107,10 @@ class CacheJob:
     view_seed: int
     teacher_batch: int = 2
     tokens: tuple[str, ...] = field(default=(), repr=False)
+    index_sweeps: int = 10  # sweeps the split's index lists for this teacher
+    # The split's index in Ray's object store (pipeline.index.share_index), set by the driver: the
+    # loaders read their rows from it instead of opening the devkit.
+    index: Any = field(default=None, repr=False, compare=False)
 
     @property
     def cache_layout(self) -> CacheLayout:
@@ -118,7 +132,7 @@ def cache_fingerprint(teacher_path: str, teacher_cfg: Mapping[str, Any], low: in
         "grid": BEVGrid.from_config(teacher_cfg["grid"]).to_dict(),
         "class_order": list(CLASS_NAMES),
         "channels": channel_layout(low, high),
-        "inputs": {k: data[k] for k in INPUT_KEYS},
+        "inputs": teacher_inputs(data),
         "dataset": {"version": version, "split": split, "samples": len(tokens),
                     "tokens_sha256": store.combined_checksum({"tokens": ",".join(tokens)})},
         "views": views,
@@ -130,15 +144,15 @@ def cache_fingerprint(teacher_path: str, teacher_cfg: Mapping[str, Any], low: in
 
 # --- Ray Data stages ---------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=2)
-def _inputs_dataset(teacher_path: str, dataroot: str, version: str, split: str) -> DetectionDataset:
+def _inputs_dataset(teacher_path: str, dataroot: str, version: str, split: str, index: Any) -> DetectionDataset:
     """The teacher's un-augmented input samples of a split, built once per worker process."""
     cfg = read_model_file(teacher_path)["config"]
-    return eval_dataset(cfg, dataroot, version, split, cfg["model"]["modality"])
+    return eval_dataset(cfg, dataroot, version, split, cfg["model"]["modality"], index)
 
 
 def load_shards(batch: Mapping[str, np.ndarray], job: CacheJob) -> dict[str, np.ndarray]:
     """Ray Data task: shard descriptors -> each shard's un-augmented teacher inputs (pickled samples)."""
-    dataset = _inputs_dataset(job.teacher_path, job.dataroot, job.version, job.split)
+    dataset = _inputs_dataset(job.teacher_path, job.dataroot, job.version, job.split, job.index)
     shards = [int(s) for s in batch["shard"]]
     payloads = []
     for shard in shards:
@@ -152,7 +166,7 @@ class ShardLoader:
 
     def __init__(self, job: CacheJob) -> None:
         self.job = job
-        _inputs_dataset(job.teacher_path, job.dataroot, job.version, job.split)
+        _inputs_dataset(job.teacher_path, job.dataroot, job.version, job.split, job.index)
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return load_shards(batch, self.job)
@@ -316,7 +330,7 @@ def plan_cache(teacher_path: str, dataroot: str, version: str, split: str, uri: 
     nusc_db.check_dataroot(dataroot, version)
     nusc_db.check_split(version, split)
     model, cfg = load_detector(teacher_path)  # strict: a teacher with missing or unexpected keys is refused
-    rows = load_index(dataroot, version, split, max_sweeps=max(10, int(cfg["data"]["lidar_sweeps"])))
+    rows = load_index(dataroot, version, split, max_sweeps=index_sweeps(cfg))
     tokens = [r["token"] for r in rows]
     if not tokens:
         raise CacheError(f"split {split} of {dataroot} has no samples")
@@ -336,7 +350,8 @@ def plan_cache(teacher_path: str, dataroot: str, version: str, split: str, uri: 
     teacher_path = teacher_path if is_url(teacher_path) else str(Path(teacher_path).resolve())
     job = CacheJob(uri=str(uri), teacher_path=teacher_path,
                    dataroot=str(Path(dataroot).resolve()), version=version, split=split, layout=layout.to_dict(),
-                   storage=storage, dtype=dtype, view_seed=view_seed, tokens=tuple(tokens))
+                   storage=storage, dtype=dtype, view_seed=view_seed, tokens=tuple(tokens),
+                   index_sweeps=index_sweeps(cfg))
     return job, fingerprint
 
 
@@ -478,7 +493,7 @@ def build_cache(teacher_path: str, dataroot: str, version: str, split: str, uri:
     start = time.perf_counter()
     job, fingerprint = plan_cache(teacher_path, dataroot, version, split, uri, views, storage, dtype,
                                   shard_samples, tile, view_seed)
-    job = CacheJob(**{**asdict(job), "teacher_batch": int(teacher_batch)})
+    job = replace(job, teacher_batch=int(teacher_batch))
     try:
         done = prepare_store(job, fingerprint, compressor_name, overwrite)
     except OSError as e:
@@ -491,6 +506,7 @@ def build_cache(teacher_path: str, dataroot: str, version: str, split: str, uri:
         print(f"[cache] writing {len(todo)} shards of {layout.shard_samples} samples x {layout.views} views "
               f"({storage}, {dtype}) to {uri}", flush=True)
         with ray_session(address):
+            job = replace(job, index=share_index(job.dataroot, job.version, job.split, job.index_sweeps))
             try:
                 run_pipeline(job, todo, actors=actors, gpus_per_actor=1.0 if use_gpu else 0.0,
                              cpus_per_actor=cpus_per_actor, loaders=loaders, writers=writers,
