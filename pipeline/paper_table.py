@@ -34,9 +34,19 @@ PATHS = {  # path -> (teacher modality, student modality), in the paper's order
 PATH_LABELS = {"lidar_to_camera": "L -> C", "fusion_to_camera": "L+C -> C", "camera_to_lidar": "C -> L",
                "fusion_to_lidar": "L+C -> L"}
 MODALITIES = ("lidar", "camera", "fusion")
-# The dataset generated into OUT/nuscenes when no --dataroot is given (pipeline.synthetic.generate's
-# keywords). A larger trainval-format set: dict(version="v1.0-trainval", scenes=N, val_scenes=M, ...).
-TABLE_DATASET: dict[str, Any] = dict(samples_per_scene=10, seed=0)
+# The dataset generated into OUT/nuscenes when no --dataroot is given, per preset
+# (pipeline.synthetic.generate's keywords): the mini set for tiny, and for small the trainval-format
+# set of README "Toward a setting where detectors learn" (384 train / 96 val samples, 2.5 GiB).
+TABLE_DATASETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(samples_per_scene=10, seed=0),
+    "small": dict(version="v1.0-trainval", scenes=80, val_scenes=16, samples_per_scene=6, image_size=(400, 225),
+                  seed=0),
+}
+
+
+def table_dataset(preset: str) -> dict[str, Any]:
+    """The generated dataset of a preset's table (the tiny one for presets without their own)."""
+    return TABLE_DATASETS.get(preset, TABLE_DATASETS["tiny"])
 # Caches as the demo builds them: replayed BEV-augmentation views, foreground tiles.
 CACHE_VIEWS, CACHE_STORAGE, CACHE_SHARD_SAMPLES = 4, "foreground", 8
 ABLATION_PATH = "lidar_to_camera"
@@ -373,7 +383,7 @@ def make_table(out: str | Path, paths: Sequence[str], seeds: Sequence[int], pres
                overrides: Sequence[str] = (), address: str | None = None) -> Path:
     """Check the inputs, run every step of the table in one Ray session and write its outputs.
 
-    Without `dataroot` the TABLE_DATASET is generated into OUT/nuscenes (once). `ablation` None:
+    Without `dataroot` the preset's TABLE_DATASETS entry is generated into OUT/nuscenes (once). `ablation` None:
     on when lidar_to_camera is among the paths. Returns the path of results.md.
     """
     from pipeline import nusc_db
@@ -388,11 +398,12 @@ def make_table(out: str | Path, paths: Sequence[str], seeds: Sequence[int], pres
     out = Path(out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     if dataroot is None:
-        generated = TABLE_DATASET.get("version", "v1.0-mini")
+        settings = table_dataset(preset)
+        generated = settings.get("version", "v1.0-mini")
         if version not in (None, generated):
             raise ConfigError(f"--version {version} needs --dataroot: the generated dataset is {generated}")
         dataroot, version = out / "nuscenes", generated
-        ensure_dataset(dataroot, TABLE_DATASET, LOG)
+        ensure_dataset(dataroot, settings, LOG)
     version = version or "v1.0-mini"
     nusc_db.check_dataroot(dataroot, version)
     runner = TableRunner(plan, out, Path(dataroot).expanduser().resolve(), version, overrides, address)

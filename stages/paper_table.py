@@ -3,6 +3,7 @@ UniDistill paths over seeds, evaluated by the devkit, plus the loss ablation on 
 
     python stages/paper_table.py --out paper_out                      # generated data, tiny presets
     python stages/paper_table.py --out paper_out --paths lidar_to_camera --seeds 0,1,2
+    python stages/paper_table.py --out paper_out --preset small       # generated trainval set, near range
     python stages/paper_table.py --out paper_out --preset nuscenes --dataroot /data/nuscenes \
         --version v1.0-trainval --set model.camera_encoder.pretrained=resnet50-0676ba61.pth
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python stages/paper_table.py ...

@@ -213,8 +213,13 @@ def test_generated_dataset_is_reused_only_when_made_with_the_same_settings():
     assert dataset_matches(meta, dict(version="v1.0-trainval", scenes=3, val_scenes=1, samples_per_scene=10))
     assert dataset_matches(meta, dict(image_size=(800, 450), seed=0))
     assert not dataset_matches(meta, dict(version="v1.0-trainval", scenes=4))
-    assert dataset_matches({"seed": 0, "samples_per_scene": 10}, pt.TABLE_DATASET | {"version": "v1.0-mini"})
-    assert not dataset_matches({"seed": 1, "samples_per_scene": 10}, pt.TABLE_DATASET)
+    tiny = pt.table_dataset("tiny")
+    assert dataset_matches({"seed": 0, "samples_per_scene": 10}, tiny | {"version": "v1.0-mini"})
+    assert not dataset_matches({"seed": 1, "samples_per_scene": 10}, tiny)
+    # The small presets' table trains on the larger trainval-format set they were tuned on.
+    small = pt.table_dataset("small")
+    assert small["version"] == "v1.0-trainval" and small["scenes"] == 80 and small["image_size"] == (400, 225)
+    assert pt.table_dataset("nuscenes") == tiny
 
 
 @pytest.mark.slow
