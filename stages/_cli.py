@@ -19,6 +19,13 @@ def add_data_args(ap: argparse.ArgumentParser, split_help: str) -> None:
     ap.add_argument("--split", default=None, help=split_help)
 
 
+def add_check_files_arg(ap: argparse.ArgumentParser) -> None:
+    """--check-files (see pipeline/file_check.py)."""
+    ap.add_argument("--check-files", action="store_true",
+                    help="first check that every sensor file the job reads exists and is whole; list the missing "
+                         "or truncated ones and stop before any work")
+
+
 def add_config_args(ap: argparse.ArgumentParser) -> None:
     """--config and repeated --set key.path=value."""
     ap.add_argument("--config", required=True, help="preset name (tiny_lidar, nuscenes_camera, ...) or YAML path")

@@ -15,9 +15,9 @@ import argparse
 import sys
 
 try:  # `python stages/cache_teacher.py` (script) or `import stages.cache_teacher`
-    from _cli import add_ray_args, apply_ray_address, run_main
+    from _cli import add_check_files_arg, add_ray_args, apply_ray_address, run_main
 except ImportError:
-    from stages._cli import add_ray_args, apply_ray_address, run_main
+    from stages._cli import add_check_files_arg, add_ray_args, apply_ray_address, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--render", metavar="TOKEN", help="write a PNG of this sample's cached maps")
     ap.add_argument("--view", type=int, default=0, help="view to render")
     ap.add_argument("--out", default="cache_render.png", help="PNG path for --render")
+    add_check_files_arg(ap)
     add_ray_args(ap)
     return ap
 
@@ -88,7 +89,14 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.cache.writer import build_cache
     from pipeline.trainer import default_train_split
 
-    build_cache(args.teacher, args.dataroot, args.version, args.split or default_train_split(args.version),
+    split = args.split or default_train_split(args.version)
+    if args.check_files:
+        from models.checkpoint import read_model_file
+        from pipeline.file_check import check_split_files
+
+        cfg = read_model_file(args.teacher)["config"]
+        check_split_files(args.dataroot, args.version, split, cfg, with_images=cfg["model"]["modality"] != "lidar")
+    build_cache(args.teacher, args.dataroot, args.version, split,
                 args.cache, views=args.views, storage=args.storage, dtype=args.dtype,
                 shard_samples=args.shard_samples, tile=args.tile, compressor_name=args.compressor,
                 overwrite=args.overwrite, actors=args.actors, use_gpu=args.gpu, cpus_per_actor=args.cpus_per_actor,

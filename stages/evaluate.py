@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 
 try:  # `python stages/evaluate.py` (script) or `import stages.evaluate`
-    from _cli import add_data_args, add_ray_args, apply_ray_address, run_main
+    from _cli import add_check_files_arg, add_data_args, add_ray_args, apply_ray_address, run_main
 except ImportError:
-    from stages._cli import add_data_args, add_ray_args, apply_ray_address, run_main
+    from stages._cli import add_check_files_arg, add_data_args, add_ray_args, apply_ray_address, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cpus-per-actor", type=float, default=None, help="CPUs reserved by each actor")
     ap.add_argument("--gpu", action="store_true", help="one GPU per inference actor")
     ap.add_argument("--no-render", action="store_true", help="skip PR curves and BEV pictures")
+    add_check_files_arg(ap)
     add_ray_args(ap)
     return ap
 
@@ -45,6 +46,12 @@ def main(argv: list[str] | None = None) -> None:
     runtime = {k: v for k, v in (("eval_actors", args.actors), ("eval_batch_size", args.batch_size),
                                  ("eval_cpus_per_actor", args.cpus_per_actor)) if v is not None}
     runtime["use_gpu"] = args.gpu
+    if args.check_files:
+        from models.checkpoint import read_model_file
+        from pipeline.file_check import check_split_files
+
+        cfg = read_model_file(args.checkpoint)["config"]
+        check_split_files(args.dataroot, args.version, split, cfg, with_images=cfg["model"]["modality"] != "lidar")
     evaluate_model(args.checkpoint, args.dataroot, args.version, split, args.output, runtime=runtime,
                    preset=args.config, render=not args.no_render)
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 import argparse
 
 try:  # `python stages/train_student.py` (script) or `import stages.train_student`
-    from _cli import add_config_args, add_data_args, add_ray_args, apply_ray_address, run_main
+    from _cli import add_check_files_arg, add_config_args, add_data_args, add_ray_args, apply_ray_address, run_main
 except ImportError:
-    from stages._cli import add_config_args, add_data_args, add_ray_args, apply_ray_address, run_main
+    from stages._cli import (add_check_files_arg, add_config_args, add_data_args, add_ray_args, apply_ray_address,
+                             run_main)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--teacher", help="teacher model file to run online instead (the original's way)")
     add_data_args(ap, "training split (default: the version's train split)")
     ap.add_argument("--output", required=True, help="run folder (local path or URL)")
+    add_check_files_arg(ap)
     add_ray_args(ap)
     return ap
 
@@ -44,6 +46,11 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = load_config(args.config, args.overrides)
     split = args.split or default_train_split(args.version)
+    if args.check_files:  # an online teacher may need the images of a LiDAR student
+        from pipeline.file_check import check_split_files
+
+        check_split_files(args.dataroot, args.version, split, cfg,
+                          with_images=cfg["model"]["modality"] != "lidar" or args.teacher is not None)
     tokens = [r["token"] for r in load_index(args.dataroot, args.version, split)]
     loop, identity = plan_student(cfg, args.version, split, tokens, cache=args.cache, teacher=args.teacher)
     fit(cfg, args.dataroot, args.version, split, args.output, distill_task, identity=identity,

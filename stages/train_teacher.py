@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 
 try:  # `python stages/train_teacher.py` (script) or `import stages.train_teacher`
-    from _cli import add_config_args, add_data_args, add_ray_args, apply_ray_address, run_main
+    from _cli import add_check_files_arg, add_config_args, add_data_args, add_ray_args, apply_ray_address, run_main
 except ImportError:
-    from stages._cli import add_config_args, add_data_args, add_ray_args, apply_ray_address, run_main
+    from stages._cli import (add_check_files_arg, add_config_args, add_data_args, add_ray_args, apply_ray_address,
+                             run_main)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(ap)
     add_data_args(ap, "training split (default: the version's train split)")
     ap.add_argument("--output", required=True, help="run folder (local path or URL, e.g. s3://bucket/runs/x)")
+    add_check_files_arg(ap)
     add_ray_args(ap)
     return ap
 
@@ -37,6 +39,10 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = load_config(args.config, args.overrides)
     split = args.split or default_train_split(args.version)
+    if args.check_files:
+        from pipeline.file_check import check_split_files
+
+        check_split_files(args.dataroot, args.version, split, cfg, with_images=cfg["model"]["modality"] != "lidar")
     fit(cfg, args.dataroot, args.version, split, args.output, detection_task,
         identity={"stage": "train_teacher"}, address=args.address)
 

@@ -450,6 +450,51 @@ def test_vertical_velocity_is_dropped_before_the_rotation_into_the_lidar_frame(d
     assert checked > 10
 
 
+def test_check_files_lists_missing_and_truncated_sensor_files(dataset_copy, tmp_path, capsys):
+    from pipeline.file_check import check_split_files
+
+    cfg = load_config("tiny_camera")
+    checked = check_split_files(dataset_copy, VERSION, "mini_val", cfg)
+    rows = load_index(dataset_copy, VERSION, "mini_val")
+    assert checked == sum(1 + min(3, len(r["sweep_paths"])) + 6 for r in rows)
+    assert "problems" in capsys.readouterr().out  # progress lines
+    row = next(r for r in rows if len(r["sweep_paths"]) >= 3)
+    key, sweep, cam, empty = (dataset_copy / row["lidar_path"], dataset_copy / row["sweep_paths"][1],
+                              dataset_copy / row["cam_paths"][0], dataset_copy / row["cam_paths"][4])
+    key.write_bytes(key.read_bytes()[:-3])  # a half-copied file
+    sweep.unlink()
+    cam.write_bytes(cam.read_bytes()[:-100])
+    empty.write_bytes(b"")
+    unused = dataset_copy / row["sweep_paths"][5]  # tiny loads 3 sweeps: the 6th is never read
+    unused.unlink()
+    with pytest.raises(ValueError, match="4 of the .* sensor files of v1.0-mini mini_val") as e:
+        check_split_files(dataset_copy, VERSION, "mini_val", cfg)
+    msg = str(e.value)
+    assert f"{key}: " in msg and "point records (truncated?)" in msg
+    assert f"{sweep}: missing" in msg and f"{empty}: empty" in msg
+    assert f"{cam}: does not end with the JPG end marker" in msg and str(unused) not in msg
+    # A LiDAR model reads no images: only the point files count.
+    with pytest.raises(ValueError, match="2 of the"):
+        check_split_files(dataset_copy, VERSION, "mini_val", load_config("tiny_lidar"), with_images=False)
+
+
+def test_stage_with_check_files_stops_before_any_work(dataset_copy, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    row = load_index(dataset_copy, VERSION, "mini_train")[0]
+    (dataset_copy / row["lidar_path"]).unlink()
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, "stages/train_teacher.py", "--config", "tiny_lidar", "--dataroot",
+                           str(dataset_copy), "--output", str(run), "--check-files"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "error: 1 of the" in done.stderr and f"{row['lidar_path']}: missing" in done.stderr
+    assert not run.exists(), "nothing started"
+
+
 def test_missing_sample_file_names_file_and_token(dataset_copy, data_cfg, tmp_path):
     rows = load_index(dataset_copy, VERSION, "mini_val", cache_dir=tmp_path / "idx")
     row = rows[0]
