@@ -136,3 +136,31 @@ def test_bad_input_fails_fast_with_a_clear_message(nusc_root, tiny_teacher, tmp_
                                        "--dataroot", str(nusc_root), "--output", str(tmp_path / "e")])
     assert code == 2 and "was not built with config 'nuscenes_lidar'" in err and "grid.voxel_size" in err
     assert not (tmp_path / "r").exists(), "nothing is written for refused input"
+
+
+@pytest.mark.slow
+def test_workers_and_loaders_read_the_drivers_index_and_never_build_one(ray_cluster, nusc_root, tiny_teacher,
+                                                                         tmp_path, monkeypatch):
+    """A dataroot the driver cannot write (as on a cluster's shared read-only storage): the driver
+    builds the index into its own cache folder, and the cache job's loaders and the training
+    workers take it from the object store. Were they to build it themselves, each would open the
+    devkit and, finding this dataroot writable, leave an index under DATAROOT/.index."""
+    import shutil
+
+    from pipeline import index as index_mod
+    from pipeline.cache.writer import build_cache
+    from pipeline.config import load_config
+    from pipeline.train_tasks import detection_task
+    from pipeline.trainer import fit
+
+    root = tmp_path / "nuscenes"
+    shutil.copytree(nusc_root, root, ignore=shutil.ignore_patterns(".index"))
+    driver_cache = tmp_path / "driver_cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(driver_cache))  # this process only: the workers run elsewhere
+    monkeypatch.setattr(index_mod, "_writable", lambda folder: False)
+    build_cache(str(tiny_teacher), str(root), "v1.0-mini", "mini_val", str(tmp_path / "cache"), shard_samples=2,
+                loaders=2)
+    cfg = load_config("tiny_lidar", ["train.epochs=1", "train.batch_size=2", "runtime.loader_workers=1"])
+    fit(cfg, str(root), "v1.0-mini", "mini_val", str(tmp_path / "run"), detection_task)
+    assert not (root / ".index").exists(), "no worker, actor or loader built an index of its own"
+    assert [p.name for p in driver_cache.rglob("*.parquet")] == ["v1.0-mini_mini_val_sweeps10.parquet"]
