@@ -19,7 +19,7 @@ STAGES = ("train_teacher", "train_student", "evaluate", "cache_teacher", "sweep_
 
 def parse_stage_command(command: str) -> tuple[str, list[str]]:
     """('cache_teacher', argv) of a 'python stages/cache_teacher.py ...' command line."""
-    words = shlex.split(command.replace("\\\n", " "))
+    words = shlex.split(command.replace("\\\n", " "), comments=True)  # a shell drops `# ...`
     i = next(k for k, w in enumerate(words) if re.fullmatch(r"stages/\w+\.py", w))
     return Path(words[i]).stem, words[i + 1:]
 
