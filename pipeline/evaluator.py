@@ -21,7 +21,7 @@ from pipeline.config import diff_keys, load_config
 from pipeline.evaluation import describe_detection_config, detection_config, evaluate_results, format_metrics_table
 from pipeline.grid import BEVGrid
 from pipeline.dataset import index_sweeps
-from pipeline.index import load_index, share_index
+from pipeline.index import build_index, share_index, table_to_rows
 from pipeline.inference import eval_dataset, predict_split
 from pipeline.ray_env import ray_session
 from pipeline.results import global_results_to_lidar, write_results_json
@@ -74,9 +74,10 @@ def evaluate_model(model_path: str | Path, dataroot: str | Path, version: str, s
     rt = dict(load_config("nuscenes")["runtime"], **(runtime or {}))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = load_index(dataroot, version, split, max_sweeps=index_sweeps(cfg))
+    table = build_index(dataroot, version, split, max_sweeps=index_sweeps(cfg))
+    rows = table_to_rows(table)
     with ray_session(address):
-        index = share_index(dataroot, version, split, index_sweeps(cfg))
+        index = share_index(table)
         results = predict_split(model_path, Path(dataroot).resolve(), version, split, len(rows), index=index,
                                 actors=int(rt["eval_actors"]), batch_size=int(rt["eval_batch_size"]),
                                 cpus_per_actor=float(rt["eval_cpus_per_actor"]),

@@ -56,8 +56,11 @@ def split_files(rows: Sequence[Mapping[str, Any]], lidar_sweeps: int,
 
 
 def check_split_files(dataroot: str | Path, version: str, split: str, cfg: Mapping[str, Any],
-                      with_images: bool = True, log: str = "[check-files]") -> int:
+                      images: bool = False, log: str = "[check-files]") -> int:
     """Check every sensor file a run of `cfg` reads from the split; return how many were checked.
+
+    Images are checked for a model that reads them, and with `images` for one that does not (a
+    LiDAR student whose online teacher sees the cameras).
 
     Raises ValueError listing the problems (the first SHOWN, and their count) and naming the split.
     Prints progress about every 10 % of the files.
@@ -67,6 +70,7 @@ def check_split_files(dataroot: str | Path, version: str, split: str, cfg: Mappi
     root = Path(dataroot)
     rows = load_index(root, version, split, max_sweeps=index_sweeps(cfg))
     data = cfg["data"]
+    with_images = images or cfg["model"]["modality"] != "lidar"
     files = split_files(rows, int(data["lidar_sweeps"]), list(data["cameras"]) if with_images else None)
     start, problems = time.perf_counter(), []
     step = max(1, len(files) // 10)
@@ -83,3 +87,10 @@ def check_split_files(dataroot: str | Path, version: str, split: str, cfg: Mappi
         raise ValueError(f"{len(problems)} of the {len(files)} sensor files of {version} {split} under {root} are "
                          f"missing or truncated:\n  {listed}{more}")
     return len(files)
+
+
+def check_model_split_files(model_path: str, dataroot: str | Path, version: str, split: str) -> int:
+    """`check_split_files` for the model stored at `model_path` (a teacher to cache, a model to score)."""
+    from models.checkpoint import read_model_file
+
+    return check_split_files(dataroot, version, split, read_model_file(model_path)["config"])

@@ -293,8 +293,8 @@ def build_index(dataroot: str | Path, version: str, split: str, cache_dir: str |
     return table
 
 
-def share_index(dataroot: str | Path, version: str, split: str, max_sweeps: int = 10) -> Any:
-    """Build (or find) the split's index here, in the driver, and put it in Ray's object store.
+def share_index(table: pa.Table) -> Any:
+    """Put a split's index table (from `build_index`, in the driver) in Ray's object store.
 
     Workers, inference actors and cache loaders get the returned ObjectRef and read their rows from
     it (`index_rows`), so they never open the devkit or need the driver's index file (on a
@@ -302,7 +302,7 @@ def share_index(dataroot: str | Path, version: str, split: str, max_sweeps: int 
     """
     import ray
 
-    return ray.put(build_index(dataroot, version, split, max_sweeps=max_sweeps))
+    return ray.put(table)
 
 
 def index_rows(index: Any) -> list[dict[str, Any]]:

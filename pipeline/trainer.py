@@ -115,7 +115,7 @@ def fit(cfg: Mapping[str, Any], dataroot: str | Path, version: str, split: str, 
     root = str(Path(dataroot).expanduser().resolve())
     # Built (or found current) here, so that a bad dataset fails before Ray starts and the
     # workers only read the Parquet file.
-    build_index(root, version, split, max_sweeps=index_sweeps(cfg))
+    index = build_index(root, version, split, max_sweeps=index_sweeps(cfg))
     rt = cfg["runtime"]
     run_identity = {"dataroot": root, "version": version, "split": split, **dict(identity or {})}
     prepare_run_folder(output, cfg, run_identity)
@@ -131,7 +131,7 @@ def fit(cfg: Mapping[str, Any], dataroot: str | Path, version: str, split: str, 
     with ray_session(address):
         # Workers read the index from the object store: they never open the devkit (tens of them
         # at ~30 s and GBs each on v1.0-trainval) nor need this machine's index file.
-        loop_config["index"] = share_index(root, version, split, index_sweeps(cfg))
+        loop_config["index"] = share_index(index)
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config=loop_config,
             scaling_config=ScalingConfig(num_workers=int(rt["num_workers"]), use_gpu=use_gpu,

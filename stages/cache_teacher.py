@@ -91,11 +91,9 @@ def main(argv: list[str] | None = None) -> None:
 
     split = args.split or default_train_split(args.version)
     if args.check_files:
-        from models.checkpoint import read_model_file
-        from pipeline.file_check import check_split_files
+        from pipeline.file_check import check_model_split_files
 
-        cfg = read_model_file(args.teacher)["config"]
-        check_split_files(args.dataroot, args.version, split, cfg, with_images=cfg["model"]["modality"] != "lidar")
+        check_model_split_files(args.teacher, args.dataroot, args.version, split)
     build_cache(args.teacher, args.dataroot, args.version, split,
                 args.cache, views=args.views, storage=args.storage, dtype=args.dtype,
                 shard_samples=args.shard_samples, tile=args.tile, compressor_name=args.compressor,

@@ -47,11 +47,9 @@ def main(argv: list[str] | None = None) -> None:
                                  ("eval_cpus_per_actor", args.cpus_per_actor)) if v is not None}
     runtime["use_gpu"] = args.gpu
     if args.check_files:
-        from models.checkpoint import read_model_file
-        from pipeline.file_check import check_split_files
+        from pipeline.file_check import check_model_split_files
 
-        cfg = read_model_file(args.checkpoint)["config"]
-        check_split_files(args.dataroot, args.version, split, cfg, with_images=cfg["model"]["modality"] != "lidar")
+        check_model_split_files(args.checkpoint, args.dataroot, args.version, split)
     evaluate_model(args.checkpoint, args.dataroot, args.version, split, args.output, runtime=runtime,
                    preset=args.config, render=not args.no_render)
 

@@ -49,8 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.check_files:  # an online teacher may need the images of a LiDAR student
         from pipeline.file_check import check_split_files
 
-        check_split_files(args.dataroot, args.version, split, cfg,
-                          with_images=cfg["model"]["modality"] != "lidar" or args.teacher is not None)
+        check_split_files(args.dataroot, args.version, split, cfg, images=args.teacher is not None)
     tokens = [r["token"] for r in load_index(args.dataroot, args.version, split)]
     loop, identity = plan_student(cfg, args.version, split, tokens, cache=args.cache, teacher=args.teacher)
     fit(cfg, args.dataroot, args.version, split, args.output, distill_task, identity=identity,

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.check_files:
         from pipeline.file_check import check_split_files
 
-        check_split_files(args.dataroot, args.version, split, cfg, with_images=cfg["model"]["modality"] != "lidar")
+        check_split_files(args.dataroot, args.version, split, cfg)
     fit(cfg, args.dataroot, args.version, split, args.output, detection_task,
         identity={"stage": "train_teacher"}, address=args.address)
 

@@ -473,9 +473,19 @@ def test_check_files_lists_missing_and_truncated_sensor_files(dataset_copy, tmp_
     assert f"{key}: " in msg and "point records (truncated?)" in msg
     assert f"{sweep}: missing" in msg and f"{empty}: empty" in msg
     assert f"{cam}: does not end with the JPG end marker" in msg and str(unused) not in msg
-    # A LiDAR model reads no images: only the point files count.
+    # A LiDAR model reads no images: only the point files count, unless asked (an online camera teacher).
     with pytest.raises(ValueError, match="2 of the"):
-        check_split_files(dataset_copy, VERSION, "mini_val", load_config("tiny_lidar"), with_images=False)
+        check_split_files(dataset_copy, VERSION, "mini_val", load_config("tiny_lidar"))
+    with pytest.raises(ValueError, match="4 of the"):
+        check_split_files(dataset_copy, VERSION, "mini_val", load_config("tiny_lidar"), images=True)
+    # The evaluate and cache stages check for the model file's own config.
+    from models.detector import build_detector, save_detector
+    from pipeline.file_check import check_model_split_files
+
+    lidar_cfg = load_config("tiny_lidar")
+    model_file = save_detector(tmp_path / "model.pt", build_detector(lidar_cfg), lidar_cfg)
+    with pytest.raises(ValueError, match="2 of the"):
+        check_model_split_files(str(model_file), dataset_copy, VERSION, "mini_val")
 
 
 def test_stage_with_check_files_stops_before_any_work(dataset_copy, tmp_path):

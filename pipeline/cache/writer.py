@@ -54,7 +54,7 @@ from pipeline.classes import CLASS_NAMES
 from pipeline.collate import collate
 from pipeline.dataset import DetectionDataset, augment_bev, index_sweeps
 from pipeline.grid import BEVGrid
-from pipeline.index import load_index, share_index
+from pipeline.index import build_index, share_index
 from pipeline.loading import sweep_padding
 from pipeline.inference import eval_dataset
 from pipeline.ray_env import ray_session
@@ -107,9 +107,8 @@ class CacheJob:
     view_seed: int
     teacher_batch: int = 2
     tokens: tuple[str, ...] = field(default=(), repr=False)
-    index_sweeps: int = 10  # sweeps the split's index lists for this teacher
-    # The split's index in Ray's object store (pipeline.index.share_index), set by the driver: the
-    # loaders read their rows from it instead of opening the devkit.
+    # The split's index: its table as planned, then (in the driver's Ray session) its ObjectRef
+    # (pipeline.index.share_index); the loaders read their rows from it instead of opening the devkit.
     index: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -330,8 +329,8 @@ def plan_cache(teacher_path: str, dataroot: str, version: str, split: str, uri: 
     nusc_db.check_dataroot(dataroot, version)
     nusc_db.check_split(version, split)
     model, cfg = load_detector(teacher_path)  # strict: a teacher with missing or unexpected keys is refused
-    rows = load_index(dataroot, version, split, max_sweeps=index_sweeps(cfg))
-    tokens = [r["token"] for r in rows]
+    index = build_index(dataroot, version, split, max_sweeps=index_sweeps(cfg))
+    tokens = index.column("token").to_pylist()
     if not tokens:
         raise CacheError(f"split {split} of {dataroot} has no samples")
     grid = model.grid
@@ -351,7 +350,7 @@ def plan_cache(teacher_path: str, dataroot: str, version: str, split: str, uri: 
     job = CacheJob(uri=str(uri), teacher_path=teacher_path,
                    dataroot=str(Path(dataroot).resolve()), version=version, split=split, layout=layout.to_dict(),
                    storage=storage, dtype=dtype, view_seed=view_seed, tokens=tuple(tokens),
-                   index_sweeps=index_sweeps(cfg))
+                   index=index)
     return job, fingerprint
 
 
@@ -506,7 +505,7 @@ def build_cache(teacher_path: str, dataroot: str, version: str, split: str, uri:
         print(f"[cache] writing {len(todo)} shards of {layout.shard_samples} samples x {layout.views} views "
               f"({storage}, {dtype}) to {uri}", flush=True)
         with ray_session(address):
-            job = replace(job, index=share_index(job.dataroot, job.version, job.split, job.index_sweeps))
+            job = replace(job, index=share_index(job.index))
             try:
                 run_pipeline(job, todo, actors=actors, gpus_per_actor=1.0 if use_gpu else 0.0,
                              cpus_per_actor=cpus_per_actor, loaders=loaders, writers=writers,
