@@ -10,7 +10,10 @@
 #                                        the machine, e.g. another checkout's tests, keep running)
 #
 # Stages find the running cluster by themselves; jobs go to it with
+#   export RAY_AUTH_MODE=token
 #   ray job submit --address http://127.0.0.1:8265 --working-dir . -- python stages/X.py ...
+# The cluster uses Ray's token authentication (RAY_AUTH_MODE, default token): the token is
+# ~/.ray/auth_token (or RAY_AUTH_TOKEN_PATH), generated at the first start, readable by the user only.
 # Ports: RAY_PORT (GCS, default 6379), RAY_DASHBOARD_PORT (default 8265), RAY_CLIENT_PORT (RAY_PORT + 1),
 # RAY_DASHBOARD_AGENT_PORT (each node's job agent; default 0, a free port: with Ray's fixed 52365 a
 # second cluster on the machine, or an in-process one, leaves this one's agent without its HTTP
@@ -25,8 +28,9 @@ fi
 # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes Ray treat this as a single-machine install (loopback
 # addresses everywhere); extra worker nodes join through cluster/join_local_node.py.
 export RAY_USAGE_STATS_ENABLED=0 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_NODE_IP_ADDRESS=127.0.0.1
-# Reachable from this machine only: no auth token (Ray's CLI and `ray start` disagree on the default).
-export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
+# Token authentication: without the token no client can submit a job, call the dashboard's API or
+# join the GCS (other users of this machine included).
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 export RAY_TRAIN_ENABLE_PRINT_PATCH=0
 ip=127.0.0.1
 port="${RAY_PORT:-6379}"
@@ -36,7 +40,7 @@ object_store=$((1024 * 1024 * 1024))
 # One temp dir per cluster, so `stop` can find exactly this cluster's processes.
 tmp="${RAY_LOCAL_TMPDIR:-/tmp/ray_local_$port}"
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 
 add_worker() {  # through join_local_node.py: plain `ray start --address` would leave loopback
     local cpus="$1"
@@ -84,6 +88,9 @@ status() {
     done
     echo "$out"
     echo "dashboard: http://$ip:$dash   (ray job submit --address http://$ip:$dash ...)"
+    if [ "$RAY_AUTH_MODE" = token ]; then
+        echo "auth: token in ${RAY_AUTH_TOKEN_PATH:-~/.ray/auth_token}; clients need: export RAY_AUTH_MODE=token"
+    fi
 }
 
 cmd="${1:-}"
@@ -101,6 +108,7 @@ done
 
 case "$cmd" in
     start)
+        [ "$RAY_AUTH_MODE" != token ] || python "$here/cluster/auth_token.py" >/dev/null
         args=(--head --node-ip-address "$ip" --port "$port" --dashboard-host "$ip" --dashboard-port "$dash"
               --object-store-memory "$object_store" --disable-usage-stats --temp-dir "$tmp"
               --ray-client-server-port "${RAY_CLIENT_PORT:-$((port + 1))}" --dashboard-agent-listen-port "$agent_port")

@@ -6,11 +6,18 @@ Order of preference (DESIGN §4):
    never another process's in-process cluster (it would die with that process);
 3. a new single-node cluster inside this process, bound to 127.0.0.1 only (DESIGN §5), which is
    stopped again when the stage ends.
+
+Every cluster the project starts uses Ray's token authentication (RAY_AUTH_MODE=token): whoever can
+reach a dashboard or GCS port without the token can run nothing. The token is this user's Ray
+token file (RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token, where Ray's CLI looks too), generated on
+first use and readable by the user only (`ensure_auth_token`).
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+from pathlib import Path
 from typing import Any, Iterator
 
 LOOPBACK = "127.0.0.1"
@@ -22,9 +29,9 @@ RAY_ENV_DEFAULTS = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_NODE_IP_ADDRESS": LOOPBACK,
-    # A cluster reachable from this machine only needs no token; Ray's CLI and its in-process
-    # clusters disagree on the default, which breaks `ray status` and `ray job submit`.
-    "RAY_AUTH_MODE": "disabled",
+    # Token authentication for every cluster started here and every client (Ray's CLI needs it
+    # set explicitly: without it `ray status` and `ray job submit` send no token).
+    "RAY_AUTH_MODE": "token",
     # Ray Train's print patch echoes every worker line twice on the driver.
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }
@@ -54,15 +61,60 @@ def job_runtime_env(address: str | None = None) -> dict:
     return {"env_vars": env} if env else {}
 
 
+def auth_token_file() -> Path:
+    """The file Ray reads this user's auth token from: RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+
+
+def has_auth_token() -> bool:
+    """Whether a token is set (RAY_AUTH_TOKEN) or stored (`auth_token_file`)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    try:
+        return auth_token_file().stat().st_size > 0
+    except OSError:
+        return False
+
+
+def ensure_auth_token() -> Path | None:
+    """Make sure Ray finds a token: generate one into `auth_token_file` (mode 0600) if there is none.
+
+    Returns the token file (None when the token comes from RAY_AUTH_TOKEN). A token file that group
+    or others can read is made private, with a note: the token lets its holder run code on the cluster.
+    """
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    path = auth_token_file()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # kept (another process may have just written it)
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+            print(f"[ray] made the Ray auth token {path} readable by its owner only", flush=True)
+        if path.stat().st_size == 0:
+            raise ValueError(f"the Ray auth token file {path} is empty: delete it to have a new token "
+                             f"generated, or point RAY_AUTH_TOKEN_PATH at the cluster's token") from None
+        return path
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))  # 256 bits, as `ray get-auth-token --generate` makes them
+    print(f"[ray] generated a Ray auth token in {path} (clients of this cluster need it and "
+          f"RAY_AUTH_MODE=token)", flush=True)
+    return path
+
+
 def loopback_environment() -> None:
     """Apply RAY_ENV_DEFAULTS to os.environ (values already set by the user win).
 
     Must run before `import ray`: Ray reads the node address once, at import. When RAY_ADDRESS
     names a cluster to join (as under `ray job submit`), the node address is left to Ray, since
-    that cluster's nodes need not be on loopback and its authentication is its operator's choice.
+    that cluster's nodes need not be on loopback; token mode is then set only where this user has
+    a token (a token-mode client also talks to a cluster without authentication; one without a
+    token could not connect at all).
     """
+    joining = bool(os.environ.get("RAY_ADDRESS"))
     for key, value in RAY_ENV_DEFAULTS.items():
-        if key in ("RAY_NODE_IP_ADDRESS", "RAY_AUTH_MODE") and os.environ.get("RAY_ADDRESS"):
+        if joining and (key == "RAY_NODE_IP_ADDRESS" or (key == "RAY_AUTH_MODE" and not has_auth_token())):
             continue
         os.environ.setdefault(key, value)
 
@@ -140,6 +192,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log: bool 
 
     if ray.is_initialized():
         return False
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        ensure_auth_token()  # before Ray would write one readable by everyone (umask 022)
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
         address = _running_local_cluster()

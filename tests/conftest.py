@@ -1,11 +1,25 @@
 """Shared fixtures: a small generated nuScenes-format dataset, made once per test session."""
 from __future__ import annotations
 
+import atexit
 import contextlib
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+
+# The tests' Ray clusters authenticate with a token of the test session's own (generated here,
+# mode 0600), never the developer's ~/.ray/auth_token; subprocesses inherit the path.
+if not os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
+    _auth_dir = tempfile.mkdtemp(prefix="unidistill-ray-auth-")
+    atexit.register(shutil.rmtree, _auth_dir, ignore_errors=True)
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(Path(_auth_dir) / "auth_token")
+    from pipeline.ray_env import ensure_auth_token
+
+    ensure_auth_token()
 
 # Small enough to generate in seconds, big enough for the devkit's mini splits and evaluation:
 # all 10 mini scenes, 3 key frames each, small images.
@@ -83,7 +97,6 @@ def committed_checkpoints(run: Path) -> list[str]:
 def cluster_env(port: int) -> dict[str, str]:
     """Environment for cluster/local_cluster.sh and its drivers: a cluster whose GCS is on `port`,
     free dashboard and client ports, this venv first on PATH, no RAY_ADDRESS of another cluster."""
-    import os
     import sys
 
     env = dict(os.environ, RAY_PORT=str(port), RAY_DASHBOARD_PORT=str(free_port()),
@@ -120,8 +133,6 @@ def local_cluster(*start_args: str) -> Iterator[dict]:
 def ray_cluster():
     """A Ray cluster on 127.0.0.1 for the whole test session (`local_cluster`). Stages in this process
     and in subprocesses join it through RAY_ADDRESS."""
-    import os
-
     with local_cluster("--cpus", "4") as cluster:
         old = os.environ.get("RAY_ADDRESS")
         os.environ["RAY_ADDRESS"] = cluster["address"]

@@ -40,6 +40,8 @@ def test_kuberay_manifests():
     assert cluster["apiVersion"] == "ray.io/v1" and cluster["kind"] == "RayCluster"
     spec = cluster["spec"]
     assert spec["rayVersion"] == ray.__version__, "the manifests name the Ray version the project pins"
+    assert spec["authOptions"]["mode"] == "token" and spec["authOptions"]["secretName"], \
+        "the head listens on the pod network: token authentication, its token in a Secret"
     head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
     workers = spec["workerGroupSpecs"]
     assert workers and all(g["minReplicas"] <= g["replicas"] <= g["maxReplicas"] for g in workers)
@@ -68,6 +70,9 @@ def test_cluster_launcher_and_runtime_env():
     assert "-c constraints.txt -e ." in setup and "torch==2.13.0" in setup, "the project installed on every node"
     head_start = " ".join(cfg["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start, "the dashboard is reached through `ray dashboard` only"
+    worker_start = " ".join(cfg["worker_start_ray_commands"])
+    assert "RAY_AUTH_MODE=token" in head_start and "RAY_AUTH_MODE=token" in worker_start, "token authentication"
+    assert any(k.endswith(".ray/auth_token") for k in cfg["file_mounts"]), "the token reaches every node"
     assert any(t["min_workers"] >= 1 for t in cfg["available_node_types"].values())
     env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
     ignored = {line.strip().strip("/") for line in (REPO / ".gitignore").read_text().splitlines() if line.strip()}

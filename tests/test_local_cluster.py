@@ -4,6 +4,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO, cluster_env, free_port
 
 
@@ -88,3 +90,67 @@ def test_another_drivers_in_process_cluster_is_not_joined():
         driver.kill()
         driver.wait(timeout=60)
         subprocess.run([script, "stop"], env=cluster_env(port), capture_output=True, timeout=120)
+
+
+def test_a_cluster_of_the_script_refuses_clients_without_its_token(ray_cluster):
+    """Token authentication: the dashboard's job API and `ray job submit` refuse a caller without the
+    token (or with a wrong one) and accept the token holder."""
+    import json
+    import os
+    import urllib.error
+    import urllib.request
+
+    from pipeline.ray_env import auth_token_file
+
+    token = auth_token_file().read_text().strip()
+    assert len(token) == 64 and oct(auth_token_file().stat().st_mode & 0o777) == "0o600"
+    url = f"{ray_cluster['dashboard']}/api/jobs/"
+
+    def status_of(headers: dict) -> int:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as r:
+                json.load(r)
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    assert status_of({}) == 401
+    assert status_of({"Authorization": "Bearer " + "0" * 64}) == 403
+    assert status_of({"Authorization": f"Bearer {token}"}) == 200
+
+    def submit(**env: str) -> subprocess.CompletedProcess:
+        run_env = dict(ray_cluster["env"], **env)
+        return subprocess.run(["ray", "job", "submit", "--no-wait", "--address", ray_cluster["dashboard"], "--",
+                               "python", "-c", "pass"], env=run_env, capture_output=True, text=True, timeout=120)
+
+    without = submit(RAY_AUTH_MODE="disabled")  # a client that sends no token
+    assert without.returncode != 0 and "uthentication" in without.stdout + without.stderr
+    wrong = submit(RAY_AUTH_TOKEN="f" * 64)
+    assert wrong.returncode != 0, wrong.stdout[-2000:]
+    accepted = submit()
+    assert accepted.returncode == 0, accepted.stdout[-2000:] + accepted.stderr[-2000:]
+    assert os.environ["RAY_AUTH_MODE"] == "token"
+
+
+def test_the_auth_token_is_generated_once_and_private(tmp_path, monkeypatch, capsys):
+    import os
+    import stat
+
+    from pipeline.ray_env import ensure_auth_token
+
+    path = tmp_path / "ray" / "auth_token"
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(path))
+    assert ensure_auth_token() == path
+    token = path.read_text()
+    assert len(token) == 64 and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert "generated a Ray auth token" in capsys.readouterr().out
+    assert ensure_auth_token() == path and path.read_text() == token, "an existing token is kept"
+    os.chmod(path, 0o644)  # e.g. written by `ray get-auth-token --generate` under umask 022
+    ensure_auth_token()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_text() == token
+    path.write_text("")
+    with pytest.raises(ValueError, match=f"Ray auth token file {path} is empty"):
+        ensure_auth_token()
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "a" * 64)
+    assert ensure_auth_token() is None, "a token in the environment needs no file"
