@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import pyarrow.compute as pc
 import yaml
 
 from models.checkpoint import save_state_dict
@@ -116,6 +117,9 @@ def fit(cfg: Mapping[str, Any], dataroot: str | Path, version: str, split: str, 
     # Built (or found current) here, so that a bad dataset fails before Ray starts and the
     # workers only read the Parquet file.
     index = build_index(root, version, split, max_sweeps=index_sweeps(cfg))
+    if not pc.sum(pc.list_value_length(index.column("gt_boxes"))).as_py():
+        raise ValueError(f"split {split} of {version} at {root} has no annotations (the test split's boxes "
+                         f"are withheld): a detector trains on an annotated split (train, mini_train)")
     rt = cfg["runtime"]
     run_identity = {"dataroot": root, "version": version, "split": split, **dict(identity or {})}
     prepare_run_folder(output, cfg, run_identity)

@@ -301,7 +301,10 @@ def test_trainval_scene_counts_and_profiles():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(version="v1.0-test"), "version must be one of"),
+    (dict(version="v1.0-tiny"), "version must be one of"),
+    (dict(version="v1.0-test"), "v1.0-test needs the number of scenes"),
+    (dict(version="v1.0-test", scenes=151), r"1\.\.150"),
+    (dict(version="v1.0-test", scenes=2, val_scenes=1), "v1.0-test has no val scenes"),
     (dict(version=TRAINVAL), "needs the number of scenes"),
     (dict(version=TRAINVAL, scenes=1), "scenes .* >= 2"),
     (dict(version=TRAINVAL, scenes=3, val_scenes=3), r"val_scenes .* 1\.\.2"),
@@ -322,7 +325,8 @@ def test_cli_turns_bad_trainval_arguments_into_usage_errors(tmp_path, capsys):
     """The CLI reports bad --version / --scenes / --val-scenes as argparse errors (exit 2)."""
     cases = [([str(tmp_path / "a"), "--scenes", "3"], "--scenes"),
              ([str(tmp_path / "b"), "--version", TRAINVAL, "--scenes", "3", "--val-scenes", "5"], "--val-scenes"),
-             ([str(tmp_path / "c"), "--version", "v1.0-test"], "invalid choice")]
+             ([str(tmp_path / "c"), "--version", "v1.0-tiny"], "invalid choice"),
+             ([str(tmp_path / "d"), "--version", "v1.0-test"], "--scenes")]
     for argv, expected in cases:
         with pytest.raises(SystemExit) as exit_info:
             synthetic_main(argv)

@@ -164,3 +164,40 @@ def test_workers_and_loaders_read_the_drivers_index_and_never_build_one(ray_clus
     fit(cfg, str(root), "v1.0-mini", "mini_val", str(tmp_path / "run"), detection_task)
     assert not (root / ".index").exists(), "no worker, actor or loader built an index of its own"
     assert [p.name for p in driver_cache.rglob("*.parquet")] == ["v1.0-mini_mini_val_sweeps10.parquet"]
+
+
+@pytest.fixture(scope="module")
+def test_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated v1.0-test dataroot: 2 scenes of the devkit's test list, 2 key frames each, no annotations."""
+    from pipeline.synthetic import generate
+
+    root = tmp_path_factory.mktemp("v1.0-test")
+    generate(root, samples_per_scene=2, image_size=(320, 180), version="v1.0-test", scenes=2)
+    return root
+
+
+@pytest.mark.slow
+def test_the_test_split_gets_a_submission_file_and_no_training(ray_cluster, tiny_teacher, test_root, tmp_path):
+    """v1.0-test (annotations withheld): evaluate writes the results JSON for every test sample and no
+    metrics; training on it is refused before anything is written."""
+    from pipeline.index import load_index
+
+    from nuscenes.utils.splits import create_splits_scenes
+
+    rows = load_index(test_root, "v1.0-test", "test")
+    assert len(rows) == 4 and all(r["gt_boxes"].shape == (0, 9) for r in rows)
+    assert sorted({r["scene_name"] for r in rows}) == sorted(create_splits_scenes()["test"][:2])
+    out = tmp_path / "eval"
+    code, err = run_stage("evaluate", ["--checkpoint", str(tiny_teacher), "--dataroot", str(test_root),
+                                       "--version", "v1.0-test", "--output", str(out), "--no-render"])
+    assert code == 0, err[-3000:]
+    results = json.loads((out / "nuscenes_results.json").read_text())
+    assert set(results["results"]) == {r["token"] for r in rows}
+    assert results["meta"]["use_lidar"] and not (out / "metrics_summary.json").exists()
+    code, err = run_stage("train_teacher", ["--config", "tiny_lidar", "--dataroot", str(test_root), "--version",
+                                            "v1.0-test", "--output", str(tmp_path / "run")])
+    assert code == 2 and "v1.0-test has no annotated training split" in err
+    code, err = run_stage("train_teacher", ["--config", "tiny_lidar", "--dataroot", str(test_root), "--version",
+                                            "v1.0-test", "--split", "test", "--output", str(tmp_path / "run")])
+    assert code == 2 and "no annotations" in err
+    assert not (tmp_path / "run").exists()

@@ -1,4 +1,4 @@
-"""CLI: python -m pipeline.synthetic OUT_DIR [--version v1.0-mini|v1.0-trainval] [--scenes N] [--val-scenes M]
+"""CLI: python -m pipeline.synthetic OUT_DIR [--version v1.0-mini|v1.0-trainval|v1.0-test] [--scenes N] [--val-scenes M]
 [--samples-per-scene K] [--seed S] [--image-size WxH] [--workers W] [--overwrite]"""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from pipeline.synthetic.dataset import DEFAULT_IMAGE_SIZE, check_image_size, generate
-from pipeline.synthetic.scenes import MINI, TRAINVAL, VERSIONS
+from pipeline.synthetic.scenes import MINI, TEST, TRAINVAL, VERSIONS
 from pipeline.synthetic.summary import format_summary
 
 
@@ -35,12 +35,14 @@ def _positive(minimum: int):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.synthetic",
-                                     description="Generate a nuScenes-format dataset: v1.0-mini (its 10 scenes) "
-                                                 "or v1.0-trainval (any number of the devkit's train/val scenes).")
+                                     description="Generate a nuScenes-format dataset: v1.0-mini (its 10 scenes), "
+                                                 "v1.0-trainval (any number of the devkit's train/val scenes) or "
+                                                 "v1.0-test (its test scenes, without annotations).")
     parser.add_argument("out_dir", type=Path, help="dataroot to write (samples/, sweeps/, maps/, VERSION/)")
     parser.add_argument("--version", choices=VERSIONS, default=MINI, help=f"dataset version (default {MINI})")
     parser.add_argument("--scenes", type=_positive(1), default=None,
-                        help=f"{TRAINVAL} only: number of scenes (>= 2), the first of the devkit's train and val lists")
+                        help=f"{TRAINVAL} and {TEST}: number of scenes, the first of the devkit's train and val "
+                             f"lists (>= 2) or of its test list")
     parser.add_argument("--val-scenes", type=_positive(1), default=None,
                         help=f"{TRAINVAL} only: how many of the scenes are val scenes (default a fifth, at least 1)")
     parser.add_argument("--samples-per-scene", type=_positive(2), default=10, help="key frames per scene (>= 2)")

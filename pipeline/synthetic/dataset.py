@@ -1,5 +1,6 @@
-"""Write a whole generated dataset: v1.0-mini (the 10 mini scenes) or v1.0-trainval (any number
-of scenes from the devkit's train and val lists, see scenes.py), the tables that do not depend on
+"""Write a whole generated dataset: v1.0-mini (the 10 mini scenes), v1.0-trainval (any number
+of scenes from the devkit's train and val lists) or v1.0-test (scenes of its test list, without
+annotations), see scenes.py; the tables that do not depend on
 a scene (category, attribute, visibility, sensor, map), the map masks, and a small
 `synthetic.json` that records how the dataset was made.
 """
@@ -18,7 +19,8 @@ from pipeline.synthetic import catalog
 from pipeline.synthetic.rig import CAMERAS, LIDAR
 from pipeline.synthetic.road import draw_map_mask
 from pipeline.synthetic.scene_writer import SceneResult, write_scene
-from pipeline.synthetic.scenes import MINI, VERSIONS, check_scene_counts, mini_scenes, trainval_scenes
+from pipeline.synthetic.scenes import (MINI, TEST, VERSIONS, check_scene_counts, mini_scenes, test_scenes,
+                                      trainval_scenes)
 from pipeline.synthetic.summary import summarize
 from pipeline.synthetic.tokens import make_token
 
@@ -50,7 +52,8 @@ def generate(out_dir: Path, samples_per_scene: int = 10, seed: int = 0,
 
     version "v1.0-mini" writes the 10 mini scenes (scenes / val_scenes must be None);
     "v1.0-trainval" writes `scenes` scenes, `val_scenes` of them (default a fifth, at least 1)
-    from the devkit's val list and the rest from its train list. workers > 1 generates scenes in
+    from the devkit's val list and the rest from its train list; "v1.0-test" the first `scenes`
+    of its test list, with empty sample_annotation and instance tables. workers > 1 generates scenes in
     that many processes (same bytes as with one). An out_dir that already holds a generated
     dataset is refused unless `overwrite`, which replaces only what generate writes (samples/,
     sweeps/, maps/, v1.0-mini/, v1.0-trainval/, synthetic.json).
@@ -65,7 +68,10 @@ def generate(out_dir: Path, samples_per_scene: int = 10, seed: int = 0,
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     counts = check_scene_counts(version, scenes, val_scenes)  # (scenes, val_scenes) for trainval
-    specs = mini_scenes(seed) if counts is None else trainval_scenes(seed, *counts)
+    if counts is None:
+        specs = mini_scenes(seed)
+    else:
+        specs = test_scenes(seed, counts[0]) if version == TEST else trainval_scenes(seed, *counts)
     existing = [name for name in _OUTPUTS if (out_dir / name).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{out_dir} already holds {', '.join(existing)}; pass overwrite=True "
@@ -87,6 +93,8 @@ def generate(out_dir: Path, samples_per_scene: int = 10, seed: int = 0,
     for result in results:
         for name, records in result.tables.items():
             tables.setdefault(name, []).extend(records)
+    if version == TEST:  # the test set's boxes are withheld (num_lidar_pts etc. with them)
+        tables["sample_annotation"], tables["instance"] = [], []
     table_dir = out_dir / version
     table_dir.mkdir()
     for name in TABLES:  # one record per line: readable, and fast to write
@@ -94,9 +102,10 @@ def generate(out_dir: Path, samples_per_scene: int = 10, seed: int = 0,
         (table_dir / f"{name}.json").write_text(f"[\n{lines}\n]\n")
     meta = {"generator": "pipeline.synthetic", "generator_version": GENERATOR_VERSION, "version": version,
             "seed": seed, "samples_per_scene": samples_per_scene, "image_size": list(image_size)}
-    if counts is not None:  # trainval; mini's scenes are fixed (and its file stays as it always was)
+    if counts is not None:  # trainval or test; mini's scenes are fixed (and its file stays as it always was)
         meta["scenes"] = [spec.name for spec in specs]
-        meta["val_scenes"] = [spec.name for spec in specs[counts[0] - counts[1]:]]
+        if version != TEST:
+            meta["val_scenes"] = [spec.name for spec in specs[counts[0] - counts[1]:]]
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
 
     summary = summarize(out_dir, version)

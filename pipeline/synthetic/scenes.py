@@ -5,7 +5,9 @@ speed profile (a `SceneSpec`), for the two versions the generator writes.
   `_PROFILES` shuffled per seed (two scenes stand still).
 - v1.0-trainval: the first N - M names of the devkit's `train` list and the first M of `val`, so
   that the devkit's split logic (`create_splits_scenes`, `DetectionEval(eval_set='val')`) works
-  unchanged. Each scene draws its location and profile from its own random stream (seed, name),
+  unchanged.
+- v1.0-test: the first N names of the devkit's `test` list, without annotations (as the real
+  test set: its sample_annotation and instance tables are empty). Each scene draws its location and profile from its own random stream (seed, name),
   so a scene is the same whatever else the dataset holds.
 """
 from __future__ import annotations
@@ -18,7 +20,8 @@ from pipeline.synthetic.tokens import make_rng
 
 MINI = "v1.0-mini"
 TRAINVAL = "v1.0-trainval"
-VERSIONS: tuple[str, ...] = (MINI, TRAINVAL)
+TEST = "v1.0-test"
+VERSIONS: tuple[str, ...] = (MINI, TRAINVAL, TEST)
 LOCATIONS: tuple[str, ...] = ("boston-seaport", "singapore-onenorth", "singapore-queenstown",
                               "singapore-hollandvillage")
 PROFILES: tuple[str, ...] = ("stopped", "cruise", "accelerate", "decelerate")
@@ -75,16 +78,25 @@ def default_val_scenes(scenes: int) -> int:
 
 
 def check_scene_counts(version: str, scenes: int | None, val_scenes: int | None) -> tuple[int, int] | None:
-    """(scenes, val_scenes) for trainval with the default filled in, None for mini; ValueError
-    naming the bad value otherwise."""
+    """(scenes, val_scenes) for trainval with the default filled in, (scenes, 0) for test, None for
+    mini; ValueError naming the bad value otherwise."""
     if version not in VERSIONS:
         raise ValueError(f"version must be one of {list(VERSIONS)} (the generator writes no other), got {version!r}")
     if version == MINI:
         if scenes is not None or val_scenes is not None:
             raise ValueError(f"{MINI} always holds its 10 fixed scenes: scenes / val_scenes (--scenes / "
-                             f"--val-scenes) are for {TRAINVAL} only, got scenes={scenes!r}, "
-                             f"val_scenes={val_scenes!r}")
+                             f"--val-scenes) are for {TRAINVAL} (and --scenes for {TEST}) only, got "
+                             f"scenes={scenes!r}, val_scenes={val_scenes!r}")
         return None
+    if version == TEST:
+        available = len(create_splits_scenes()["test"])
+        if val_scenes is not None:
+            raise ValueError(f"{TEST} has no val scenes: val_scenes (--val-scenes) is for {TRAINVAL} only, "
+                             f"got {val_scenes!r}")
+        if isinstance(scenes, bool) or not isinstance(scenes, int) or not 1 <= scenes <= available:
+            raise ValueError(f"{TEST} needs the number of scenes (scenes=N, --scenes N), an integer in "
+                             f"1..{available} (the devkit's test split), got {scenes!r}")
+        return scenes, 0
     train_names, val_names = trainval_names()
     if scenes is None:
         raise ValueError(f"{TRAINVAL} needs the number of scenes (scenes=N, --scenes N)")
@@ -120,3 +132,16 @@ def trainval_scenes(seed: int, scenes: int, val_scenes: int) -> list[SceneSpec]:
         out.append(SceneSpec(name, location, index, profile))
     return out
 
+
+
+def test_scenes(seed: int, scenes: int) -> list[SceneSpec]:
+    """The first `scenes` names of the devkit's test list, drawn as trainval scenes are (their
+    indices follow the train and val lists, so they come later in time)."""
+    offset = sum(len(names) for names in trainval_names())
+    out = []
+    for index, name in enumerate(create_splits_scenes()["test"][:scenes], start=offset):
+        rng = make_rng(seed, "scene", name)
+        location = str(rng.choice(LOCATIONS, p=_LOCATION_WEIGHTS))
+        profile = str(rng.choice(PROFILES, p=_PROFILE_WEIGHTS))
+        out.append(SceneSpec(name, location, index, profile))
+    return out
