@@ -252,15 +252,22 @@ def test_sweep_padding_at_a_scene_start_follows_the_original(val_rows, nusc_root
         load_sample(later, nusc_root, dict(cfg, lidar_sweep_padding="last"), with_images=False)
 
 
-def test_cam2lidar_and_intrinsics_project_like_the_devkit(nusc, val_rows, data_cfg):
-    projected = 0
-    for row in val_rows[:3]:
-        slots = [list(row["cam_names"]).index(c) for c in data_cfg["cameras"]]
-        for cam, slot in zip(data_cfg["cameras"], slots):
+def project_like_the_devkit(nusc, rows, cameras) -> float:
+    """Assert that the index's cam2lidar and intrinsics put every GT box centre where the devkit's
+    get_sample_data puts it (which uses each camera's own ego pose); return the largest pixel
+    offset that taking the LiDAR key frame's ego pose for the camera would cause instead."""
+    projected, worst_wrong = 0, 0.0
+    for row in rows:
+        slots = [list(row["cam_names"]).index(c) for c in cameras]
+        lidar = nusc.get("sample_data", nusc.get("sample", row["token"])["data"]["LIDAR_TOP"])
+        lidar2ego = nusc.get("calibrated_sensor", lidar["calibrated_sensor_token"])
+        for cam, slot in zip(cameras, slots):
             cam_token = nusc.get("sample", row["token"])["data"][cam]
             _, boxes_cam, k_dev = nusc.get_sample_data(cam_token, box_vis_level=BoxVisibility.NONE)
             by_token = {b.token: b for b in boxes_cam}
             lidar2cam = np.linalg.inv(row["cam2lidar"][slot])
+            cam_calib = nusc.get("calibrated_sensor", nusc.get("sample_data", cam_token)["calibrated_sensor_token"])
+            wrong = np.linalg.inv(_pose(cam_calib)) @ _pose(lidar2ego)  # lidar -> cam through one ego pose
             k = row["cam_intrinsics"][slot]
             np.testing.assert_allclose(k, k_dev)
             for ann_token, b in zip(row["gt_tokens"], row["gt_boxes"]):
@@ -271,8 +278,48 @@ def test_cam2lidar_and_intrinsics_project_like_the_devkit(nusc, val_rows, data_c
                 p = lidar2cam @ np.append(b[:3], 1.0)
                 ours = (k @ p[:3])[:2] / p[2]
                 np.testing.assert_allclose(ours, expected, atol=1e-3)
+                q = wrong @ np.append(b[:3], 1.0)
+                if q[2] > 1.0:
+                    worst_wrong = max(worst_wrong, float(np.abs((k @ q[:3])[:2] / q[2] - expected).max()))
                 projected += 1
     assert projected > 0
+    return worst_wrong
+
+
+def _pose(record) -> np.ndarray:
+    """4x4 child -> parent of a calibrated_sensor or ego_pose record."""
+    m = np.eye(4)
+    m[:3, :3] = Quaternion(record["rotation"]).rotation_matrix
+    m[:3, 3] = record["translation"]
+    return m
+
+
+def test_cam2lidar_and_intrinsics_project_like_the_devkit(nusc, val_rows, data_cfg):
+    # (cameras at the key frame's time: the LiDAR's ego pose is theirs too, so this alone cannot
+    # tell the two apart; see the next test)
+    assert project_like_the_devkit(nusc, val_rows[:3], data_cfg["cameras"]) < 1e-3
+
+
+def test_cameras_fired_during_the_sweep_project_with_their_own_ego_pose(tmp_path_factory, data_cfg):
+    """With cameras that fire as the LiDAR sweeps past them (3-45 ms after the key frame, as in
+    nuScenes), the index still projects like the devkit, and the data would catch a loader that
+    used the LiDAR's ego pose for the cameras (it would miss by pixels)."""
+    from nuscenes.nuscenes import NuScenes
+
+    from pipeline.synthetic import generate
+    from pipeline.synthetic.rig import camera_trigger_offset_us
+
+    root = tmp_path_factory.mktemp("swept")
+    generate(root, samples_per_scene=2, image_size=(160, 90), camera_trigger="sweep")
+    nusc = NuScenes(version=VERSION, dataroot=str(root), verbose=False)
+    rows = load_index(root, VERSION, "mini_val", cache_dir=root / "idx")
+    for row in rows:
+        sample = nusc.get("sample", row["token"])
+        for cam in data_cfg["cameras"]:
+            sd = nusc.get("sample_data", sample["data"][cam])
+            assert sd["timestamp"] - sample["timestamp"] == camera_trigger_offset_us(cam) > 0
+    worst = project_like_the_devkit(nusc, rows, data_cfg["cameras"])
+    assert worst > 2.0, f"a LiDAR-ego-pose loader would be off by only {worst:.2f} px"
 
 
 def test_load_sample_contract_and_gt_filter(nusc, val_rows, nusc_root, data_cfg):

@@ -1,5 +1,5 @@
 """CLI: python -m pipeline.synthetic OUT_DIR [--version v1.0-mini|v1.0-trainval|v1.0-test] [--scenes N] [--val-scenes M]
-[--samples-per-scene K] [--seed S] [--image-size WxH] [--workers W] [--overwrite]"""
+[--samples-per-scene K] [--seed S] [--image-size WxH] [--camera-trigger keyframe|sweep] [--workers W] [--overwrite]"""
 from __future__ import annotations
 
 import argparse
@@ -49,13 +49,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=_positive(0), default=0)
     parser.add_argument("--image-size", type=_image_size, default=DEFAULT_IMAGE_SIZE, metavar="WxH",
                         help=f"camera image size (default {DEFAULT_IMAGE_SIZE[0]}x{DEFAULT_IMAGE_SIZE[1]})")
+    parser.add_argument("--camera-trigger", choices=("keyframe", "sweep"), default="keyframe",
+                        help="keyframe: cameras at the LiDAR key frame's time and ego pose (default); sweep: each "
+                             "camera fires as the LiDAR sweeps past it (3-45 ms later, its own ego pose), as in nuScenes")
     parser.add_argument("--workers", type=_positive(1), default=1, help="processes generating scenes")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in OUT_DIR")
     args = parser.parse_args(argv)
     try:
         summary = generate(args.out_dir, samples_per_scene=args.samples_per_scene, seed=args.seed,
                            image_size=args.image_size, workers=args.workers, overwrite=args.overwrite,
-                           version=args.version, scenes=args.scenes, val_scenes=args.val_scenes)
+                           version=args.version, scenes=args.scenes, val_scenes=args.val_scenes,
+                           camera_trigger=args.camera_trigger)
     except (FileExistsError, ValueError) as e:
         parser.error(str(e))
     print(format_summary(summary))

@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 
 from pipeline.synthetic import catalog
-from pipeline.synthetic.rig import CAMERAS, LIDAR
+from pipeline.synthetic.rig import CAMERA_TRIGGERS, CAMERAS, LIDAR
 from pipeline.synthetic.road import draw_map_mask
 from pipeline.synthetic.scene_writer import SceneResult, write_scene
 from pipeline.synthetic.scenes import (MINI, TEST, VERSIONS, check_scene_counts, mini_scenes, test_scenes,
@@ -46,14 +46,19 @@ def check_image_size(image_size: tuple[int, int]) -> tuple[int, int]:
 
 def generate(out_dir: Path, samples_per_scene: int = 10, seed: int = 0,
              image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE, workers: int = 1, overwrite: bool = False, *,
-             version: str = VERSION, scenes: int | None = None, val_scenes: int | None = None) -> dict:
+             version: str = VERSION, scenes: int | None = None, val_scenes: int | None = None,
+             camera_trigger: str = "keyframe") -> dict:
     """Write the generated dataset under `out_dir` and return its summary (see `summarize`) with
     the generation time in seconds.
 
     version "v1.0-mini" writes the 10 mini scenes (scenes / val_scenes must be None);
     "v1.0-trainval" writes `scenes` scenes, `val_scenes` of them (default a fifth, at least 1)
     from the devkit's val list and the rest from its train list; "v1.0-test" the first `scenes`
-    of its test list, with empty sample_annotation and instance tables. workers > 1 generates scenes in
+    of its test list, with empty sample_annotation and instance tables. camera_trigger "keyframe"
+    (the default, generator version 1's only behaviour) renders every camera at the LiDAR key frame's
+    timestamp and ego pose; "sweep" fires each camera as the LiDAR sweeps past it, 3-45 ms later at
+    its own ego pose, as on the nuScenes car (a loader that projected with the LiDAR's ego pose
+    would be off by up to ~0.5 m at 10 m/s). workers > 1 generates scenes in
     that many processes (same bytes as with one). An out_dir that already holds a generated
     dataset is refused unless `overwrite`, which replaces only what generate writes (samples/,
     sweeps/, maps/, v1.0-mini/, v1.0-trainval/, synthetic.json).
@@ -67,6 +72,8 @@ def generate(out_dir: Path, samples_per_scene: int = 10, seed: int = 0,
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if camera_trigger not in CAMERA_TRIGGERS:
+        raise ValueError(f"camera_trigger must be one of {list(CAMERA_TRIGGERS)}, got {camera_trigger!r}")
     counts = check_scene_counts(version, scenes, val_scenes)  # (scenes, val_scenes) for trainval
     if counts is None:
         specs = mini_scenes(seed)
@@ -81,7 +88,7 @@ def generate(out_dir: Path, samples_per_scene: int = 10, seed: int = 0,
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    jobs = [(seed, spec, samples_per_scene, image_size, out_dir) for spec in specs]
+    jobs = [(seed, spec, samples_per_scene, image_size, out_dir, camera_trigger) for spec in specs]
     if workers == 1:
         results = [write_scene(*job) for job in jobs]
     else:
@@ -102,6 +109,8 @@ def generate(out_dir: Path, samples_per_scene: int = 10, seed: int = 0,
         (table_dir / f"{name}.json").write_text(f"[\n{lines}\n]\n")
     meta = {"generator": "pipeline.synthetic", "generator_version": GENERATOR_VERSION, "version": version,
             "seed": seed, "samples_per_scene": samples_per_scene, "image_size": list(image_size)}
+    if camera_trigger != "keyframe":  # (the default leaves the file as it always was)
+        meta["camera_trigger"] = camera_trigger
     if counts is not None:  # trainval or test; mini's scenes are fixed (and its file stays as it always was)
         meta["scenes"] = [spec.name for spec in specs]
         if version != TEST:

@@ -27,6 +27,20 @@ _CAMERA_SPECS: dict[str, tuple[tuple[float, float, float], float, float, float, 
 }
 _LIDAR_TRANSLATION = (0.986, 0.0, 1.840)
 _LIDAR_YAW_DEG = -90.0  # LIDAR_TOP x axis points to the car's right
+LIDAR_PERIOD_US = 50_000  # one 20 Hz LiDAR revolution
+CAMERA_TRIGGERS = ("keyframe", "sweep")
+
+
+def camera_trigger_offset_us(channel: str) -> int:
+    """When a camera fires after its LiDAR key frame, with camera trigger "sweep" (microseconds).
+
+    As on the nuScenes car, a camera is exposed when the rotating LiDAR sweeps across the centre of
+    its field of view: here the sweep starts at the key frame's timestamp along LIDAR_TOP's x axis
+    and turns clockwise (seen from above) once per LIDAR_PERIOD_US, so the six cameras fire 3-45 ms
+    after the key frame, each at its own ego pose.
+    """
+    swept_deg = (_LIDAR_YAW_DEG - _CAMERA_SPECS[channel][1]) % 360.0
+    return int(round(swept_deg / 360.0 * LIDAR_PERIOD_US))
 
 
 @dataclass(frozen=True)

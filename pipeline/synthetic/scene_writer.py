@@ -19,7 +19,7 @@ from pyquaternion import Quaternion
 
 from pipeline.synthetic import camera, lidar
 from pipeline.synthetic.catalog import visibility_token
-from pipeline.synthetic.rig import CAMERAS, LIDAR
+from pipeline.synthetic.rig import CAMERAS, LIDAR, camera_trigger_offset_us
 from pipeline.synthetic.road import Road
 from pipeline.synthetic.scenes import SceneSpec
 from pipeline.synthetic.tokens import make_rng, make_token
@@ -71,9 +71,11 @@ def _link(records: list[Record]) -> None:
         a["next"], b["prev"] = b["token"], a["token"]
 
 
-def write_scene(seed: int, scene: SceneSpec, samples: int, image_size: tuple[int, int], root: Path) -> SceneResult:
+def write_scene(seed: int, scene: SceneSpec, samples: int, image_size: tuple[int, int], root: Path,
+                camera_trigger: str = "keyframe") -> SceneResult:
     """Generate `scene` under dataroot `root` and return its records (the same whichever process
-    runs it and whatever other scenes the dataset holds)."""
+    runs it and whatever other scenes the dataset holds). Cameras fire at the LiDAR key frame's
+    timestamp ("keyframe") or as the LiDAR sweeps past them ("sweep", rig.camera_trigger_offset_us)."""
     world = build_world(seed, scene, samples)
     name = world.name
     log = _log_record(world)
@@ -137,7 +139,7 @@ def write_scene(seed: int, scene: SceneSpec, samples: int, image_size: tuple[int
     for channel in CAMERAS:
         chain = []
         for k, sample in enumerate(sample_records):
-            timestamp = sample["timestamp"]
+            timestamp = sample["timestamp"] + (camera_trigger_offset_us(channel) if camera_trigger == "sweep" else 0)
             filename = f"samples/{channel}/{log['logfile']}__{channel}__{timestamp}.jpg"
             frame = camera.render(world, (timestamp - world.start_us) * 1e-6, channel, image_size,
                                   make_rng(seed, "camera", name, channel, k))
