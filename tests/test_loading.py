@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from nuscenes.eval.detection.utils import category_to_detection_name
 from nuscenes.utils.data_classes import Box
-from nuscenes.utils.geometry_utils import BoxVisibility, points_in_box, view_points
+from nuscenes.utils.geometry_utils import BoxVisibility, points_in_box, transform_matrix, view_points
 from nuscenes.utils.splits import create_splits_scenes
 from pyquaternion import Quaternion
 
@@ -267,7 +267,9 @@ def project_like_the_devkit(nusc, rows, cameras) -> float:
             by_token = {b.token: b for b in boxes_cam}
             lidar2cam = np.linalg.inv(row["cam2lidar"][slot])
             cam_calib = nusc.get("calibrated_sensor", nusc.get("sample_data", cam_token)["calibrated_sensor_token"])
-            wrong = np.linalg.inv(_pose(cam_calib)) @ _pose(lidar2ego)  # lidar -> cam through one ego pose
+            # lidar -> cam through one ego pose (the devkit's own matrix maker)
+            wrong = np.linalg.inv(transform_matrix(cam_calib["translation"], Quaternion(cam_calib["rotation"]))) \
+                @ transform_matrix(lidar2ego["translation"], Quaternion(lidar2ego["rotation"]))
             k = row["cam_intrinsics"][slot]
             np.testing.assert_allclose(k, k_dev)
             for ann_token, b in zip(row["gt_tokens"], row["gt_boxes"]):
@@ -284,14 +286,6 @@ def project_like_the_devkit(nusc, rows, cameras) -> float:
                 projected += 1
     assert projected > 0
     return worst_wrong
-
-
-def _pose(record) -> np.ndarray:
-    """4x4 child -> parent of a calibrated_sensor or ego_pose record."""
-    m = np.eye(4)
-    m[:3, :3] = Quaternion(record["rotation"]).rotation_matrix
-    m[:3, 3] = record["translation"]
-    return m
 
 
 def test_cam2lidar_and_intrinsics_project_like_the_devkit(nusc, val_rows, data_cfg):

@@ -19,7 +19,7 @@ from pipeline.synthetic import catalog
 from pipeline.synthetic.rig import CAMERA_TRIGGERS, CAMERAS, LIDAR
 from pipeline.synthetic.road import draw_map_mask
 from pipeline.synthetic.scene_writer import SceneResult, write_scene
-from pipeline.synthetic.scenes import (MINI, TEST, VERSIONS, check_scene_counts, mini_scenes, test_scenes,
+from pipeline.synthetic.scenes import (MINI, TEST, VERSIONS, check_scene_counts, mini_scenes, testset_scenes,
                                       trainval_scenes)
 from pipeline.synthetic.summary import summarize
 from pipeline.synthetic.tokens import make_token
@@ -78,7 +78,7 @@ def generate(out_dir: Path, samples_per_scene: int = 10, seed: int = 0,
     if counts is None:
         specs = mini_scenes(seed)
     else:
-        specs = test_scenes(seed, counts[0]) if version == TEST else trainval_scenes(seed, *counts)
+        specs = testset_scenes(seed, counts[0]) if version == TEST else trainval_scenes(seed, *counts)
     existing = [name for name in _OUTPUTS if (out_dir / name).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{out_dir} already holds {', '.join(existing)}; pass overwrite=True "

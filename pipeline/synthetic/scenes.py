@@ -7,8 +7,9 @@ speed profile (a `SceneSpec`), for the two versions the generator writes.
   that the devkit's split logic (`create_splits_scenes`, `DetectionEval(eval_set='val')`) works
   unchanged.
 - v1.0-test: the first N names of the devkit's `test` list, without annotations (as the real
-  test set: its sample_annotation and instance tables are empty). Each scene draws its location and profile from its own random stream (seed, name),
-  so a scene is the same whatever else the dataset holds.
+  test set: its sample_annotation and instance tables are empty).
+Each trainval or test scene draws its location and profile from its own random stream (seed,
+name), so a scene is the same whatever else the dataset holds.
 """
 from __future__ import annotations
 
@@ -124,24 +125,20 @@ def trainval_scenes(seed: int, scenes: int, val_scenes: int) -> list[SceneSpec]:
     train_names, val_names = trainval_names()
     indexed = list(enumerate(train_names))[:scenes - val_scenes]
     indexed += list(enumerate(val_names, start=len(train_names)))[:val_scenes]
-    out = []
-    for index, name in indexed:
-        rng = make_rng(seed, "scene", name)
-        location = str(rng.choice(LOCATIONS, p=_LOCATION_WEIGHTS))
-        profile = str(rng.choice(PROFILES, p=_PROFILE_WEIGHTS))
-        out.append(SceneSpec(name, location, index, profile))
-    return out
+    return [_drawn_scene(seed, name, index) for index, name in indexed]
 
 
-
-def test_scenes(seed: int, scenes: int) -> list[SceneSpec]:
-    """The first `scenes` names of the devkit's test list, drawn as trainval scenes are (their
-    indices follow the train and val lists, so they come later in time)."""
+def testset_scenes(seed: int, scenes: int) -> list[SceneSpec]:
+    """The first `scenes` names of the devkit's test list (their indices follow the train and val
+    lists, so they come later in time)."""
     offset = sum(len(names) for names in trainval_names())
-    out = []
-    for index, name in enumerate(create_splits_scenes()["test"][:scenes], start=offset):
-        rng = make_rng(seed, "scene", name)
-        location = str(rng.choice(LOCATIONS, p=_LOCATION_WEIGHTS))
-        profile = str(rng.choice(PROFILES, p=_PROFILE_WEIGHTS))
-        out.append(SceneSpec(name, location, index, profile))
-    return out
+    return [_drawn_scene(seed, name, index)
+            for index, name in enumerate(create_splits_scenes()["test"][:scenes], start=offset)]
+
+
+def _drawn_scene(seed: int, name: str, index: int) -> SceneSpec:
+    """A trainval or test scene: location and profile drawn from the scene's own stream."""
+    rng = make_rng(seed, "scene", name)
+    location = str(rng.choice(LOCATIONS, p=_LOCATION_WEIGHTS))
+    profile = str(rng.choice(PROFILES, p=_PROFILE_WEIGHTS))
+    return SceneSpec(name, location, index, profile)
