@@ -3,7 +3,7 @@
 BEVDepth-style LSS without depth supervision (spec §3.3): a 1x1 depth net predicts, per feature
 pixel, a softmax over D depth bins and C context channels; their outer product is "lifted" onto a
 frustum of 3D points, which are taken to the (BEV-augmented) LiDAR frame through the sample's
-matrices (pipeline/sample.py) and sum-pooled onto the BEVGrid's x/y cells with one z bin.
+matrices (pipeline/data/sample.py) and sum-pooled onto the BEVGrid's x/y cells with one z bin.
 
 Mixed precision: the backbone, neck and depth net run under the caller's autocast; the frustum
 geometry (ray matmuls and matrix inverses: in half precision a frustum point 50 m out moves by
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.resnet import ResNet, load_pretrained
-from pipeline.grid import BEVGrid
+from models.bev_grid import BEVGrid
 
 
 class SECONDFPN(nn.Module):
@@ -143,7 +143,7 @@ class LSSViewTransform(nn.Module):
 
         Feature pixel (i, j) covers image pixels [j * s, (j + 1) * s) with s = image_w / w, so its
         centre is at u = (j + 0.5) * s - 0.5 in the integer-pixel-centre convention of
-        pipeline/augment.py (likewise v with rows).
+        pipeline/data/augment.py (likewise v with rows).
         """
         (h, w), (img_h, img_w) = feat_hw, image_hw
         dev = self.depths.device
@@ -252,7 +252,7 @@ class CameraEncoder(nn.Module):
         resnet_width: ResNet base width (64 = torchvision; smaller for the tiny preset).
         pretrained: a torchvision ImageNet ResNet state-dict file (local path or fsspec URL), or
             None (random init). Training the nuscenes camera/fusion presets requires it
-            (pipeline.trainer.check_pretrained_backbone).
+            (pipeline.engine.trainer.check_pretrained_backbone).
         frozen_stem: freeze the ResNet stem (conv1 + bn1, bn1 in eval mode) as the original does.
         neck_channels: SECOND-FPN channels per level (paper: 128, concatenated to 512).
         neck_strides: SECOND-FPN upsample stride per ResNet level (paper: 0.25, 0.5, 1, 2).

@@ -1,7 +1,7 @@
 """The detection head of spec §3.6: a CenterHead with an IoU-aware branch and an FCOS-style
 assigner ("CenterHead-IoU-aware"), with its targets, losses and decoding.
 
-Everything spatial goes through one BEVGrid (pipeline/grid.py). Anchors: the original puts its
+Everything spatial goes through one BEVGrid (models/bev_grid.py). Anchors: the original puts its
 anchor points at BEV cell *corners*; this project's BEV frame has cell *centres* at
 (j + 0.5) * cell, so here the anchor of cell (row i, col j) is its centre from
 `BEVGrid.cell_centers()`. A positive's centre offset is (gt - anchor) / cell and decoding adds
@@ -10,7 +10,7 @@ any grid.
 
 Outputs follow the detector contract (DESIGN §3.2): heat-map logits [B, 10, H, W] in CLASS_NAMES
 order (the tasks' heat maps concatenated) and regression [B, 66, H, W], per task the 11
-channels of pipeline.classes.REGRESSION_CHANNELS, tasks in TASKS order.
+channels of models.classes.REGRESSION_CHANNELS, tasks in TASKS order.
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from models.box_ops import aligned_iou_3d, aligned_iou_bev, rotated_nms
-from pipeline.classes import CLASS_INDEX, NUM_CLASSES, REGRESSION_CHANNELS, REGRESSION_PER_TASK, TASKS
-from pipeline.grid import BEVGrid
+from models.classes import CLASS_INDEX, NUM_CLASSES, REGRESSION_CHANNELS, REGRESSION_PER_TASK, TASKS
+from models.bev_grid import BEVGrid
 
 # The 10 box-code channels of a task (its regression channels without "iou"):
 # offset x, offset y (cells), z (m), log dx, log dy, log dz (m), sin yaw, cos yaw, vx, vy (m/s).

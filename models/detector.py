@@ -20,7 +20,7 @@ from models.center_head import CenterHead
 from models.checkpoint import CheckpointError, load_state_dict_strict, read_model_file, save_model
 from models.fusion import FusionEncoder
 from models.lidar_encoder import LidarEncoder
-from pipeline.grid import BEVGrid
+from models.bev_grid import BEVGrid
 
 MODALITIES = ("lidar", "camera", "fusion")
 DetectorOutput = dict[str, torch.Tensor]  # low, high, heatmap, regression
@@ -38,7 +38,7 @@ class BEVDetector(nn.Module):
         fusion: merges the two BEV maps (fusion only).
 
     forward(batch) returns {low [B, C_low, H, W], high [B, C_high, H, W],
-    heatmap [B, 10, H, W] (logits), regression [B, 66, H, W]}; batch as pipeline/sample.py.
+    heatmap [B, 10, H, W] (logits), regression [B, 66, H, W]}; batch as pipeline/data/sample.py.
     """
 
     def __init__(self, grid: BEVGrid, bev_encoder: nn.Module, head: CenterHead,

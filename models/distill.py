@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.box_ops import bev_corners
-from pipeline.classes import NUM_CLASSES, NUM_REGRESSION
-from pipeline.grid import BEVGrid
+from models.classes import NUM_CLASSES, NUM_REGRESSION
+from models.bev_grid import BEVGrid
 
 ReduceCount = Callable[[Tensor], Tensor]
 

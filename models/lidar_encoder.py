@@ -29,7 +29,7 @@ from spconv.pytorch import ConvAlgo
 from spconv.pytorch.utils import PointToVoxel
 from torch import nn
 
-from pipeline.grid import BEVGrid
+from models.bev_grid import BEVGrid
 
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01

@@ -20,7 +20,7 @@ def add_data_args(ap: argparse.ArgumentParser, split_help: str) -> None:
 
 
 def add_check_files_arg(ap: argparse.ArgumentParser) -> None:
-    """--check-files (see pipeline/file_check.py)."""
+    """--check-files (see pipeline/data/file_check.py)."""
     ap.add_argument("--check-files", action="store_true",
                     help="first check that every sensor file the job reads exists and is whole; list the missing "
                          "or truncated ones and stop before any work")

@@ -69,29 +69,29 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     apply_ray_address(args.address)
 
-    from pipeline.cache import inspect
+    from pipeline.cache import inspection
 
     if args.verify:
-        report = inspect.verify(args.cache)
-        print(inspect.format_verify(report))
+        report = inspection.verify(args.cache)
+        print(inspection.format_verify(report))
         if report["bad"] or report["missing"]:
             sys.exit(1)
         return
     if args.inspect:
-        print(inspect.format_describe(inspect.describe(args.cache)))
+        print(inspection.format_describe(inspection.describe(args.cache)))
         return
     if args.render:
-        print(f"wrote {inspect.render(args.cache, args.render, args.view, args.out)}")
+        print(f"wrote {inspection.render(args.cache, args.render, args.view, args.out)}")
         return
     if not args.teacher or not args.dataroot:
         ap.error("--teacher and --dataroot are needed to build a cache")
 
     from pipeline.cache.writer import build_cache
-    from pipeline.trainer import default_train_split
+    from pipeline.engine.trainer import default_train_split
 
     split = args.split or default_train_split(args.version)
     if args.check_files:
-        from pipeline.file_check import check_model_split_files
+        from pipeline.data.file_check import check_model_split_files
 
         check_model_split_files(args.teacher, args.dataroot, args.version, split)
     build_cache(args.teacher, args.dataroot, args.version, split,

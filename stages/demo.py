@@ -16,7 +16,7 @@ import argparse
 import time
 from pathlib import Path
 
-from pipeline.experiment import StepTimes, ensure_dataset, format_seed_table
+from pipeline.experiments.runs import StepTimes, ensure_dataset, format_seed_table
 from pipeline.synthetic import format_summary
 
 DEMO_DATASET = dict(samples_per_scene=10, seed=0)
@@ -65,12 +65,12 @@ def main(argv: list[str] | None = None) -> None:
 
     from pipeline.cache.writer import build_cache
     from pipeline.config import load_config
-    from pipeline.distill_task import distill_task, plan_student
-    from pipeline.evaluator import evaluate_model
-    from pipeline.index import load_index
+    from pipeline.engine.distill_task import distill_task, plan_student
+    from pipeline.evaluation.model_eval import evaluate_model
+    from pipeline.data.index import load_index
     from pipeline.ray_env import ray_session
-    from pipeline.train_tasks import detection_task
-    from pipeline.trainer import fit
+    from pipeline.engine.detection_task import detection_task
+    from pipeline.engine.trainer import fit
 
     runs, rows = out / "runs", []
     timings = StepTimes(out / "timings.json")

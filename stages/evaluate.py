@@ -39,15 +39,15 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     apply_ray_address(args.address)
 
-    from pipeline.evaluator import evaluate_model
-    from pipeline.nusc_db import SPLITS_OF_VERSION, check_version
+    from pipeline.evaluation.model_eval import evaluate_model
+    from pipeline.data.nusc_db import SPLITS_OF_VERSION, check_version
 
     split = args.split or SPLITS_OF_VERSION[check_version(args.version)][-1]
     runtime = {k: v for k, v in (("eval_actors", args.actors), ("eval_batch_size", args.batch_size),
                                  ("eval_cpus_per_actor", args.cpus_per_actor)) if v is not None}
     runtime["use_gpu"] = args.gpu
     if args.check_files:
-        from pipeline.file_check import check_model_split_files
+        from pipeline.data.file_check import check_model_split_files
 
         check_model_split_files(args.checkpoint, args.dataroot, args.version, split)
     evaluate_model(args.checkpoint, args.dataroot, args.version, split, args.output, runtime=runtime,

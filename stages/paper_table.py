@@ -10,7 +10,7 @@ UniDistill paths over seeds, evaluated by the devkit, plus the loss ablation on 
 
 Writes OUT/results.csv, OUT/results.md (per path: teacher, baseline, student, gain; mean +- std
 over seeds), OUT/results.png and OUT/ablation/results.md. A second call reuses every finished
-run, cache and evaluation (see pipeline/paper_table.py).
+run, cache and evaluation (see pipeline/experiments/paper_table.py).
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     apply_ray_address(args.address)
 
-    from pipeline.paper_table import make_table, parse_paths, parse_seeds
+    from pipeline.experiments.paper_table import make_table, parse_paths, parse_seeds
 
     make_table(args.out, parse_paths(args.paths), parse_seeds(args.seeds), preset=args.preset,
                dataroot=args.dataroot, version=args.version, ablation=args.ablation, overrides=args.overrides,

@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(ap)  # the student preset every variant starts from; --set applies to all variants
     ap.add_argument("--cache", required=True, help="teacher-target cache every distilled variant reads")
-    ap.add_argument("--grid", required=True, help="YAML file of variants (see pipeline/sweep.py)")
+    ap.add_argument("--grid", required=True, help="YAML file of variants (see pipeline/experiments/sweep.py)")
     add_data_args(ap, "training split (default: the version's train split)")
     ap.add_argument("--eval-split", default=None, help="evaluation split (default: the version's val split)")
     ap.add_argument("--output", required=True, help="sweep folder: one run folder per variant and the tables")
@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     apply_ray_address(args.address)
 
-    from pipeline.nusc_db import SPLITS_OF_VERSION, check_version
-    from pipeline.sweep import read_grid, run_sweep
+    from pipeline.data.nusc_db import SPLITS_OF_VERSION, check_version
+    from pipeline.experiments.sweep import read_grid, run_sweep
 
     variants = [dict(v, overrides=[*args.overrides, *v["overrides"]]) for v in read_grid(args.grid)]
     splits = SPLITS_OF_VERSION[check_version(args.version)]

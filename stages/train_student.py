@@ -40,14 +40,14 @@ def main(argv: list[str] | None = None) -> None:
     apply_ray_address(args.address)
 
     from pipeline.config import load_config
-    from pipeline.distill_task import distill_task, plan_student
-    from pipeline.index import load_index
-    from pipeline.trainer import default_train_split, fit
+    from pipeline.engine.distill_task import distill_task, plan_student
+    from pipeline.data.index import load_index
+    from pipeline.engine.trainer import default_train_split, fit
 
     cfg = load_config(args.config, args.overrides)
     split = args.split or default_train_split(args.version)
     if args.check_files:  # an online teacher may need the images of a LiDAR student
-        from pipeline.file_check import check_split_files
+        from pipeline.data.file_check import check_split_files
 
         check_split_files(args.dataroot, args.version, split, cfg, images=args.teacher is not None)
     tokens = [r["token"] for r in load_index(args.dataroot, args.version, split)]

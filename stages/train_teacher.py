@@ -34,13 +34,13 @@ def main(argv: list[str] | None = None) -> None:
     apply_ray_address(args.address)
 
     from pipeline.config import load_config
-    from pipeline.train_tasks import detection_task
-    from pipeline.trainer import default_train_split, fit
+    from pipeline.engine.detection_task import detection_task
+    from pipeline.engine.trainer import default_train_split, fit
 
     cfg = load_config(args.config, args.overrides)
     split = args.split or default_train_split(args.version)
     if args.check_files:
-        from pipeline.file_check import check_split_files
+        from pipeline.data.file_check import check_split_files
 
         check_split_files(args.dataroot, args.version, split, cfg)
     fit(cfg, args.dataroot, args.version, split, args.output, detection_task,

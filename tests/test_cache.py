@@ -15,14 +15,15 @@ import torch
 
 from models.detector import load_detector
 from models.distill import UniDistillLoss, resolve_distill_config
-from pipeline.cache import inspect, store
+from pipeline.cache import inspection
+from pipeline.cache import store
 from pipeline.cache.reader import CacheReader
 from pipeline.cache.schema import CacheError, CacheLayout, CacheMismatchError
 from pipeline.cache.views import view_matrix
 from pipeline.cache.writer import build_cache, write_one_shard
-from pipeline.collate import collate
-from pipeline.inference import eval_dataset
-from pipeline.grid import BEVGrid
+from pipeline.data.collate import collate
+from pipeline.evaluation.inference import eval_dataset
+from models.bev_grid import BEVGrid
 
 from tests.conftest import REPO, free_port
 
@@ -98,7 +99,7 @@ def test_cached_maps_equal_the_teacher_run_directly(caches, tiny_teacher, nusc_r
     if views > 1:  # augmented views are really different inputs
         a, b = reader.read(tokens[0], 0)["low"], reader.read(tokens[0], 1)["low"]
         assert not np.allclose(a, b)
-    assert inspect.verify(str(uri))["bad"] == {}
+    assert inspection.verify(str(uri))["bad"] == {}
 
 
 @pytest.mark.slow
@@ -148,7 +149,7 @@ def test_verify_reports_corrupt_and_missing_shards(caches, tmp_path):
     data[len(data) // 2] ^= 0xFF
     obj.write_bytes(bytes(data))
     (uri / store.shard_object_key("bda", 2)).unlink()
-    report = inspect.verify(str(uri))
+    report = inspection.verify(str(uri))
     assert report["ok"] == [0]
     assert "high (altered)" in report["bad"][1] and "bda (missing)" in report["bad"][2]
     done = subprocess.run([sys.executable, "stages/cache_teacher.py", "--cache", str(uri), "--verify"], cwd=REPO,
@@ -250,7 +251,7 @@ def test_killed_job_resumes_without_rewriting_finished_shards(ray_cluster, tiny_
     assert sorted(after) == list(range(6))
     for shard, rec in before.items():  # finished shards were not rewritten
         assert after[shard]["time"] == rec["time"] and after[shard]["pid"] == rec["pid"]
-    assert inspect.verify(str(uri))["bad"] == {}
+    assert inspection.verify(str(uri))["bad"] == {}
     check = subprocess.run([sys.executable, "stages/cache_teacher.py", "--cache", str(uri), "--verify"], cwd=REPO,
                            capture_output=True, text=True, timeout=120)
     assert check.returncode == 0 and "verified 6 of 6 shards: 0 bad, 0 missing" in check.stdout
@@ -297,9 +298,9 @@ def test_s3_url_round_trip(s3_server, caches, tiny_teacher, nusc_root):
         a, b = rl.read(token), rr.read(token)
         for k in a:
             assert np.array_equal(a[k], b[k])
-    assert inspect.verify(f"{s3_server}/unidistill/cache")["ok"] == [0, 1, 2]
+    assert inspection.verify(f"{s3_server}/unidistill/cache")["ok"] == [0, 1, 2]
     assert build(tiny_teacher, nusc_root, f"{s3_server}/unidistill/cache").shards_written == 0
-    info = inspect.describe(f"{s3_server}/unidistill/cache")
+    info = inspection.describe(f"{s3_server}/unidistill/cache")
     assert info["complete"] and json.dumps(info["fingerprint"])
     # Model files on the object store too: the teacher read from s3:// is the same teacher.
     from models.checkpoint import file_sha256, read_model_file

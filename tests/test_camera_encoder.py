@@ -11,9 +11,9 @@ import torch
 
 from models.camera_encoder import CameraEncoder, LSSViewTransform, voxel_pool
 from models.resnet import ResNet, load_pretrained
-from pipeline.augment import bev_aug_matrix, image_aug_matrix, transform_points
+from pipeline.data.augment import bev_aug_matrix, image_aug_matrix, transform_points
 from pipeline.config import load_config
-from pipeline.grid import BEVGrid
+from models.bev_grid import BEVGrid
 
 TINY = load_config("tiny")
 NUSC = load_config("nuscenes")

@@ -18,8 +18,8 @@ import torch
 
 from models.camera_encoder import LSSViewTransform, voxel_pool
 from pipeline.config import load_config
-from pipeline.dataset import DetectionDataset, box_corners
-from pipeline.grid import BEVGrid
+from pipeline.data.dataset import DetectionDataset, box_corners
+from models.bev_grid import BEVGrid
 
 VERSION = "v1.0-mini"
 STRIDE = 16  # the tiny camera encoder's feature stride (SECONDFPN output)
@@ -102,7 +102,7 @@ def test_lidar_depth_targets_and_depth_supervised_detector(nusc_root: Path, tmp_
     depth_loss_weight > 0 adds a 'depth' loss in training only."""
     from models.camera_encoder import depth_bins, depth_loss, lidar_depth_targets
     from models.detector import build_detector
-    from pipeline.collate import collate
+    from pipeline.data.collate import collate
 
     cfg = load_config("tiny_camera", ["model.camera_encoder.depth_loss_weight=3.0"])
     data = DetectionDataset(nusc_root, VERSION, "mini_val", cfg, train=True, cache_dir=tmp_path, with_images=True)

@@ -1,5 +1,5 @@
 """The demo's result tables and step times (the demo itself runs in `make demo`, not in the test suite)."""
-from pipeline.experiment import StepTimes, format_seed_table
+from pipeline.experiments.runs import StepTimes, format_seed_table
 
 
 def test_seed_table_reports_each_seed_and_the_mean_and_sample_spread():

@@ -31,14 +31,14 @@ from pyquaternion import Quaternion
 from models.center_head import ideal_outputs
 from models.checkpoint import FORMAT, CheckpointError
 from models.detector import BEVDetector, build_detector, load_detector, save_detector
-from pipeline.classes import CLASS_NAMES, NUM_CLASSES, NUM_REGRESSION
-from pipeline.collate import collate
+from models.classes import CLASS_NAMES, NUM_CLASSES, NUM_REGRESSION
+from pipeline.data.collate import collate
 from pipeline.config import load_config
-from pipeline.dataset import DetectionDataset, boxes_in_range
-from pipeline.evaluation import EVAL_CONFIG, evaluate_results
-from pipeline.grid import BEVGrid
-from pipeline.loading import filter_gt
-from pipeline.results import lidar_boxes_to_results, write_results_json
+from pipeline.data.dataset import DetectionDataset, boxes_in_range
+from pipeline.evaluation.devkit_metrics import EVAL_CONFIG, evaluate_results
+from models.bev_grid import BEVGrid
+from pipeline.data.loading import filter_gt
+from pipeline.evaluation.results import lidar_boxes_to_results, write_results_json
 from tests.conftest import deterministic_torch
 
 VERSION = "v1.0-mini"

@@ -8,7 +8,7 @@ its LiDAR teacher at the GT keypoints than the same student trained on its detec
   fair, since the detection loss alone already pulls a student's heat map and regression towards it.
 - Students: two copies of the tiny camera detector from one seed, trained on the same real batches in
   the same order with the recipe's optimiser (AdamW of `train`, its gradient clipping, constant lr):
-  `baseline` on `model.loss`, `distilled` through pipeline.distill_task's DistillLosses and
+  `baseline` on `model.loss`, `distilled` through pipeline.engine.distill_task's DistillLosses and
   UniDistillLoss with the lidar->camera config resolved as distill_task resolves it (distill_settings:
   the paper's weights 100 / 40 / 10). The teacher's maps reach it as a cache gives them, float16 in
   `batch["teacher"]`.
@@ -31,12 +31,12 @@ from torch import nn
 
 from models.detector import BEVDetector, build_detector
 from models.distill import UniDistillLoss, box_keypoints, sample_at_keypoints
-from pipeline.collate import collate
+from pipeline.data.collate import collate
 from pipeline.config import load_config
-from pipeline.dataset import DetectionDataset
-from pipeline.distill_task import DistillLosses, collate_with_teacher, distill_settings
-from pipeline.grid import BEVGrid
-from pipeline.optim import build_optimizer, clip_gradients
+from pipeline.data.dataset import DetectionDataset
+from pipeline.engine.distill_task import DistillLosses, collate_with_teacher, distill_settings
+from models.bev_grid import BEVGrid
+from pipeline.engine.optim import build_optimizer, clip_gradients
 from tests.conftest import deterministic_torch
 
 VERSION = "v1.0-mini"

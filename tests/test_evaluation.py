@@ -9,11 +9,11 @@ import pytest
 from nuscenes.utils.geometry_utils import transform_matrix
 from pyquaternion import Quaternion
 
-from pipeline.classes import CLASS_INDEX, CLASS_NAMES
-from pipeline.evaluation import evaluate_results, format_metrics_table
-from pipeline.index import load_index
-from pipeline.loading import filter_gt
-from pipeline.results import lidar_boxes_to_results, results_document, write_results_json
+from models.classes import CLASS_INDEX, CLASS_NAMES
+from pipeline.evaluation.devkit_metrics import evaluate_results, format_metrics_table
+from pipeline.data.index import load_index
+from pipeline.data.loading import filter_gt
+from pipeline.evaluation.results import lidar_boxes_to_results, results_document, write_results_json
 
 VERSION = "v1.0-mini"
 

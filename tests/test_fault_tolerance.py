@@ -12,7 +12,9 @@ import time
 
 import pytest
 
-from pipeline.cache import inspect, store
+from pipeline.cache import inspection
+
+from pipeline.cache import store
 from pipeline.cache.reader import CacheReader
 from pipeline.cache.schema import CacheError
 from pipeline.cache.writer import build_cache
@@ -121,7 +123,7 @@ def test_a_training_worker_killed_mid_run_resumes_from_its_checkpoint(two_nodes,
     assert resumed and int(resumed.group(1)) < epochs, \
         "the restarted worker group continued from a checkpoint:\n" + "\n".join(
             line for line in out.splitlines() if "[train]" in line or "rror" in line)[-6000:]
-    from pipeline.run_log import read_metrics
+    from pipeline.engine.run_log import read_metrics
 
     steps = [r["step"] for r in read_metrics(run / "metrics.jsonl")]
     assert steps == list(range(1, epochs * 3 + 1)), "no step lost or repeated in the log"
@@ -159,7 +161,7 @@ def test_a_node_killed_mid_job_and_the_job_completes(two_nodes, tiny_teacher, nu
         after = store.read_markers(str(uri))
         for shard, rec in done_first.items():
             assert after[shard]["time"] == rec["time"], "finished shards are not rewritten"
-    report = inspect.verify(str(uri))
+    report = inspection.verify(str(uri))
     assert report["ok"] == list(range(6)) and not report["bad"] and not report["missing"]
 
 
@@ -190,6 +192,6 @@ def test_a_full_disk_is_a_clear_error_and_finished_shards_stay_intact(small_disk
     with pytest.raises(CacheError, match=r"No space left on device\) with \d+ of 6 shards complete"):
         build_cache(str(tiny_teacher), str(nusc_root), VERSION, SPLIT, str(uri), shard_samples=1, views=2,
                     cpus_per_actor=0.5)
-    report = inspect.verify(str(uri))
+    report = inspection.verify(str(uri))
     assert report["ok"] and not report["bad"], report
     assert report["missing"], "the job stopped part-way"

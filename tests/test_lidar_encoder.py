@@ -12,7 +12,7 @@ from spconv.pytorch.conv import SparseConvolution
 
 from models.lidar_encoder import LidarEncoder, conv_algo_for, height_compression
 from pipeline.config import load_config
-from pipeline.grid import BEVGrid
+from models.bev_grid import BEVGrid
 
 TINY_KWARGS = dict(widths=(4, 8, 8, 8), out_channels=8)
 

@@ -12,15 +12,15 @@ from nuscenes.utils.geometry_utils import BoxVisibility, points_in_box, transfor
 from nuscenes.utils.splits import create_splits_scenes
 from pyquaternion import Quaternion
 
-from pipeline import index as index_mod
-from pipeline import nusc_db
-from pipeline.classes import CLASS_INDEX, NUM_CLASSES
-from pipeline.collate import collate
+from pipeline.data import index as index_mod
+from pipeline.data import nusc_db
+from models.classes import CLASS_INDEX, NUM_CLASSES
+from pipeline.data.collate import collate
 from pipeline.config import load_config
-from pipeline.dataset import DetectionDataset, boxes_in_range, cbgs_indices
-from pipeline.index import build_index, index_path, load_index, read_index_metadata
-from pipeline.loading import load_sample
-from pipeline.sample import SAMPLE_KEYS
+from pipeline.data.dataset import DetectionDataset, boxes_in_range, cbgs_indices
+from pipeline.data.index import build_index, index_path, load_index, read_index_metadata
+from pipeline.data.loading import load_sample
+from pipeline.data.sample import SAMPLE_KEYS
 
 VERSION = "v1.0-mini"
 
@@ -89,8 +89,8 @@ def test_index_is_built_once_then_read_from_parquet(nusc_root, tmp_path, monkeyp
 # process waits for the `go` file so that both look for the index at once.
 _BUILDER = """
 import pathlib, sys, time
-from pipeline import nusc_db
-from pipeline.index import build_index
+from pipeline.data import nusc_db
+from pipeline.data.index import build_index
 real = nusc_db.open_nuscenes
 def spy(*args, **kwargs):
     with open(sys.argv[3], "a") as f:
@@ -492,7 +492,7 @@ def test_vertical_velocity_is_dropped_before_the_rotation_into_the_lidar_frame(d
 
 
 def test_check_files_lists_missing_and_truncated_sensor_files(dataset_copy, tmp_path, capsys):
-    from pipeline.file_check import check_split_files
+    from pipeline.data.file_check import check_split_files
 
     cfg = load_config("tiny_camera")
     checked = check_split_files(dataset_copy, VERSION, "mini_val", cfg)
@@ -521,7 +521,7 @@ def test_check_files_lists_missing_and_truncated_sensor_files(dataset_copy, tmp_
         check_split_files(dataset_copy, VERSION, "mini_val", load_config("tiny_lidar"), images=True)
     # The evaluate and cache stages check for the model file's own config.
     from models.detector import build_detector, save_detector
-    from pipeline.file_check import check_model_split_files
+    from pipeline.data.file_check import check_model_split_files
 
     lidar_cfg = load_config("tiny_lidar")
     model_file = save_detector(tmp_path / "model.pt", build_detector(lidar_cfg), lidar_cfg)

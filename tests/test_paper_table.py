@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import paper_table as pt
+from pipeline.experiments import paper_table as pt
 from pipeline.config import ConfigError
-from pipeline.experiment import Progress, dataset_matches, mean_std
-from pipeline.paper_report import format_mean_std, format_results_md, group_by_path, plot_results, write_csv
+from pipeline.experiments.runs import Progress, dataset_matches, mean_std
+from pipeline.experiments.paper_report import format_mean_std, format_results_md, group_by_path, plot_results, write_csv
 from stages import paper_table as stage
 
 ALL = list(pt.PATHS)
@@ -164,7 +164,7 @@ def test_one_seed_has_no_std_and_no_clear_gain_verdict(tmp_path):
 
 
 def test_outputs_of_a_finished_plan_carry_table_detection_config_and_ablation(tmp_path):
-    from pipeline.evaluation import detection_config
+    from pipeline.evaluation.devkit_metrics import detection_config
 
     plan = pt.plan_table("tiny", ["lidar_to_camera"], [0, 1], ablation=True)
     runner = pt.TableRunner(plan, tmp_path, tmp_path / "nuscenes", "v1.0-mini")

@@ -14,18 +14,18 @@ import torch
 
 from models.center_head import ideal_outputs
 from models.detector import build_detector, load_detector
-from pipeline import augment
+from pipeline.data import augment
 from pipeline.cache import store
 from pipeline.cache.reader import CacheReader
 from pipeline.cache.schema import CacheError, CacheMismatchError
 from pipeline.cache.warp import warp_teacher_maps
-from pipeline.collate import collate
+from pipeline.data.collate import collate
 from pipeline.config import ConfigError, load_config
-from pipeline.dataset import DetectionDataset
-from pipeline.distill_task import (DistillDataset, DistillLosses, collate_with_teacher, plan_student,
+from pipeline.data.dataset import DetectionDataset
+from pipeline.engine.distill_task import (DistillDataset, DistillLosses, collate_with_teacher, plan_student,
                                    resolve_view_policy)
-from pipeline.grid import BEVGrid
-from pipeline.index import load_index
+from models.bev_grid import BEVGrid
+from pipeline.data.index import load_index
 from models.distill import UniDistillLoss
 
 from tests.conftest import REPO, committed_checkpoints

@@ -13,9 +13,9 @@ from torch import nn
 
 from pipeline import storage
 from pipeline.config import diff_keys, load_config
-from pipeline.optim import build_optimizer, build_scheduler, clip_gradients, describe_lr, scaled_lr
-from pipeline.precise_bn import recompute_bn_stats
-from pipeline.run_log import MetricsLog, read_metrics
+from pipeline.engine.optim import build_optimizer, build_scheduler, clip_gradients, describe_lr, scaled_lr
+from pipeline.engine.precise_bn import recompute_bn_stats
+from pipeline.engine.run_log import MetricsLog, read_metrics
 
 
 def test_lr_scaling_and_one_cycle_schedule():
@@ -148,7 +148,7 @@ TRAIN_FROM_SCRATCH = ("nuscenes_lidar", "nuscenes_camera_to_lidar", "nuscenes_fu
 
 def test_training_without_imagenet_weights_is_refused_where_the_preset_requires_them():
     from pipeline.config import ConfigError
-    from pipeline.trainer import check_pretrained_backbone
+    from pipeline.engine.trainer import check_pretrained_backbone
 
     for preset in REQUIRE_IMAGENET:
         with pytest.raises(ConfigError, match=r"model\.camera_encoder\.pretrained is not set.*"
@@ -163,7 +163,7 @@ def test_training_without_imagenet_weights_is_refused_where_the_preset_requires_
 
 
 def test_train_teacher_stage_refuses_before_anything_starts(tmp_path):
-    """The refusal comes from pipeline.trainer.fit before the dataset is read or Ray is started."""
+    """The refusal comes from pipeline.engine.trainer.fit before the dataset is read or Ray is started."""
     import contextlib
     import io
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.run_log import read_metrics
+from pipeline.engine.run_log import read_metrics
 
 from tests.conftest import REPO, committed_checkpoints
 
@@ -66,7 +66,7 @@ def test_job_trains_exports_and_evaluates(ray_cluster, trained, nusc_root, tmp_p
 
 @pytest.mark.slow
 def test_evaluating_the_same_model_twice_gives_identical_metrics(ray_cluster, trained, nusc_root, tmp_path):
-    from pipeline.evaluator import evaluate_model
+    from pipeline.evaluation.model_eval import evaluate_model
 
     a = evaluate_model(trained / "model.pt", nusc_root, "v1.0-mini", "mini_val", tmp_path / "a", render=False)
     b = evaluate_model(trained / "model.pt", nusc_root, "v1.0-mini", "mini_val", tmp_path / "b", render=False)
@@ -147,11 +147,11 @@ def test_workers_and_loaders_read_the_drivers_index_and_never_build_one(ray_clus
     devkit and, finding this dataroot writable, leave an index under DATAROOT/.index."""
     import shutil
 
-    from pipeline import index as index_mod
+    from pipeline.data import index as index_mod
     from pipeline.cache.writer import build_cache
     from pipeline.config import load_config
-    from pipeline.train_tasks import detection_task
-    from pipeline.trainer import fit
+    from pipeline.engine.detection_task import detection_task
+    from pipeline.engine.trainer import fit
 
     root = tmp_path / "nuscenes"
     shutil.copytree(nusc_root, root, ignore=shutil.ignore_patterns(".index"))
@@ -180,7 +180,7 @@ def test_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_the_test_split_gets_a_submission_file_and_no_training(ray_cluster, tiny_teacher, test_root, tmp_path):
     """v1.0-test (annotations withheld): evaluate writes the results JSON for every test sample and no
     metrics; training on it is refused before anything is written."""
-    from pipeline.index import load_index
+    from pipeline.data.index import load_index
 
     from nuscenes.utils.splits import create_splits_scenes
 

@@ -28,7 +28,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from pipeline.classes import CLASS_NAMES, NUM_CLASSES, NUM_REGRESSION, regression_channel_names
+from models.classes import CLASS_NAMES, NUM_CLASSES, NUM_REGRESSION, regression_channel_names
 
 SCHEMA_VERSION = 1
 MAP_NAMES: tuple[str, ...] = ("low", "high", "heatmap", "regression")

@@ -15,8 +15,8 @@ import torch
 
 from models.box_ops import bev_corners
 from models.distill import gaussian_radius
-from pipeline import augment
-from pipeline.grid import BEVGrid
+from pipeline.data import augment
+from models.bev_grid import BEVGrid
 
 # Cells kept beyond a box's footprint in `foreground` storage: bilinear neighbours of keypoints
 # (1), plus the response mask's Gaussian radius scaled for BEV-augmentation warps (x1.25), plus 1.

@@ -2,7 +2,7 @@
 
 A map cached in the canonical LiDAR frame is resampled onto the augmented frame's grid: the
 value at augmented cell centre p is the canonical map's bilinear sample at bda^-1 p. Channels that
-are vectors or lengths in the BEV frame are then transformed the way `pipeline.augment` moves
+are vectors or lengths in the BEV frame are then transformed the way `pipeline.data.augment` moves
 boxes (per task of the regression map):
 
     reg (x, y offset, cells)  -> A @ offset        A = the BDA's 2x2 xy block (rotation, scale, flips)
@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.classes import REGRESSION_CHANNELS, REGRESSION_PER_TASK, TASKS
-from pipeline.grid import BEVGrid
+from models.classes import REGRESSION_CHANNELS, REGRESSION_PER_TASK, TASKS
+from models.bev_grid import BEVGrid
 
 _OFFSET = {name: sum(n for _, n in REGRESSION_CHANNELS[:i]) for i, (name, _) in enumerate(REGRESSION_CHANNELS)}
 

@@ -45,22 +45,22 @@ import torch
 
 from models.checkpoint import file_sha256, read_model_file
 from models.detector import load_detector
-from pipeline import nusc_db
+from pipeline.data import nusc_db
 from pipeline.cache import store
 from pipeline.cache.schema import (DTYPES, SCHEMA_VERSION, STORAGE_MODES, CacheError, CacheLayout,
                                    CacheMismatchError, channel_layout, differing_fields, map_channels)
 from pipeline.cache.views import foreground_tiles, tile_mask, view_matrices
-from pipeline.classes import CLASS_NAMES
-from pipeline.collate import collate
-from pipeline.dataset import DetectionDataset, augment_bev, index_sweeps
-from pipeline.grid import BEVGrid
-from pipeline.index import build_index, share_index
-from pipeline.loading import sweep_padding
-from pipeline.inference import eval_dataset
+from models.classes import CLASS_NAMES
+from pipeline.data.collate import collate
+from pipeline.data.dataset import DetectionDataset, augment_bev, index_sweeps
+from models.bev_grid import BEVGrid
+from pipeline.data.index import build_index, share_index
+from pipeline.data.loading import sweep_padding
+from pipeline.evaluation.inference import eval_dataset
 from pipeline.ray_env import ray_session
-from pipeline.sample import Sample
+from pipeline.data.sample import Sample
 from pipeline.storage import is_url
-from pipeline.train_loop import to_device
+from pipeline.engine.train_loop import to_device
 
 def default_tile(grid: BEVGrid, storage: str = "dense") -> int:
     """Chunk tile size (cells) of a storage mode.
@@ -108,7 +108,7 @@ class CacheJob:
     teacher_batch: int = 2
     tokens: tuple[str, ...] = field(default=(), repr=False)
     # The split's index: its table as planned, then (in the driver's Ray session) its ObjectRef
-    # (pipeline.index.share_index); the loaders read their rows from it instead of opening the devkit.
+    # (pipeline.data.index.share_index); the loaders read their rows from it instead of opening the devkit.
     index: Any = field(default=None, repr=False, compare=False)
 
     @property

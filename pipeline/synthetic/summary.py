@@ -11,8 +11,8 @@ from nuscenes.eval.detection.utils import category_to_detection_name
 from nuscenes.nuscenes import NuScenes
 from nuscenes.utils.splits import create_splits_scenes
 
-from pipeline.classes import CLASS_NAMES
-from pipeline.nusc_db import SPLITS_OF_VERSION
+from models.classes import CLASS_NAMES
+from pipeline.data.nusc_db import SPLITS_OF_VERSION
 
 
 def summarize(dataroot: Path, version: str = "v1.0-mini") -> dict:

@@ -33,12 +33,12 @@ from tests.bench.bench_inputs import dataset_and_teacher  # noqa: E402
 from pipeline.cache.reader import CacheReader  # noqa: E402
 from pipeline.cache.views import foreground_tiles  # noqa: E402
 from pipeline.cache.writer import TeacherRunner, _inputs_dataset, build_cache, plan_cache, write_one_shard  # noqa: E402
-from pipeline.collate import collate  # noqa: E402
+from pipeline.data.collate import collate  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.grid import BEVGrid  # noqa: E402
-from pipeline.inference import eval_dataset  # noqa: E402
+from models.bev_grid import BEVGrid  # noqa: E402
+from pipeline.evaluation.inference import eval_dataset  # noqa: E402
 from pipeline.ray_env import ray_session  # noqa: E402
-from pipeline.train_tasks import detection_losses  # noqa: E402
+from pipeline.engine.detection_task import detection_losses  # noqa: E402
 
 VERSION, SPLIT = "v1.0-mini", "mini_train"
 NUSCENES_TRAIN_SAMPLES = 28130
@@ -121,7 +121,7 @@ def random_reads(uri: str, seconds: float = 5.0) -> float:
 
 def student_consumption(root: Path, batch: int, steps: int = 8) -> float:
     """Samples/s one tiny camera student worker trains at (one thread, data loaded beforehand)."""
-    from pipeline.dataset import DetectionDataset
+    from pipeline.data.dataset import DetectionDataset
 
     cfg = load_config("tiny_camera")
     model = build_detector(cfg).train()

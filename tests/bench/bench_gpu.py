@@ -3,7 +3,7 @@
 One prepared script for a GPU node (or a `device` session): it builds each detector of the
 `nuscenes` presets on the GPU, feeds it synthetic inputs of the preset's shapes
 (tests/bench/bench_models.py: 10-sweep LiDAR scans, six 256x704 images, 12 boxes) and runs the
-training loop's step (pipeline/train_loop.py: autocast float16 + GradScaler, AdamW, gradient
+training loop's step (pipeline/engine/train_loop.py: autocast float16 + GradScaler, AdamW, gradient
 clipping) at batch 1 and 2. Reported per (modality, batch): ms/step (mean after warm-up, CUDA
 synchronised), peak GPU memory (torch.cuda.max_memory_allocated, model and optimiser state
 included), whether every loss was finite, AMP steps the GradScaler skipped, and the sparse-conv
@@ -48,10 +48,10 @@ sys.path.insert(0, str(ROOT))
 from models.detector import BEVDetector, build_detector  # noqa: E402
 from models.distill import UniDistillLoss  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.distill_task import DistillLosses, MAPS, distill_settings  # noqa: E402
-from pipeline.optim import build_optimizer, clip_gradients, scaled_lr  # noqa: E402
-from pipeline.train_loop import to_device  # noqa: E402
-from pipeline.train_tasks import detection_losses  # noqa: E402
+from pipeline.engine.distill_task import DistillLosses, MAPS, distill_settings  # noqa: E402
+from pipeline.engine.optim import build_optimizer, clip_gradients, scaled_lr  # noqa: E402
+from pipeline.engine.train_loop import to_device  # noqa: E402
+from pipeline.engine.detection_task import detection_losses  # noqa: E402
 from tests.bench.bench_models import synthetic_batch  # noqa: E402
 
 MODALITIES = ("lidar", "camera", "fusion")
@@ -94,7 +94,7 @@ def sync(device: torch.device) -> None:
 
 def time_training(model: nn.Module, extra: nn.ModuleDict, losses_fn: LossFn, batch: dict, train_cfg: Mapping[str, Any],
                   device: torch.device, amp: bool, warmup: int, steps: int) -> dict[str, Any]:
-    """Run the training loop's step (pipeline/train_loop.py) `warmup + steps` times on one batch."""
+    """Run the training loop's step (pipeline/engine/train_loop.py) `warmup + steps` times on one batch."""
     params = [p for p in list(model.parameters()) + list(extra.parameters()) if p.requires_grad]
     optimizer = build_optimizer(params, train_cfg, scaled_lr(train_cfg, 4))
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_gpu: no CUDA device here; use --device cpu for the smoke mode")
     preset = args.preset or ("nuscenes" if device.type == "cuda" else "tiny")
-    amp = device.type == "cuda" and not args.no_amp  # as pipeline/train_loop.py: train.amp on GPU only
+    amp = device.type == "cuda" and not args.no_amp  # as pipeline/engine/train_loop.py: train.amp on GPU only
     warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else 0)
     t0 = time.perf_counter()
     print(f"bench_gpu: {preset} presets on {device}, AMP {'float16' if amp else 'off'}, {warmup} warm-up + "

@@ -24,9 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.dataset import DetectionDataset  # noqa: E402
-from pipeline.index import load_index  # noqa: E402
-from pipeline.loading import camera_slots, load_images, load_points, load_sample  # noqa: E402
+from pipeline.data.dataset import DetectionDataset  # noqa: E402
+from pipeline.data.index import load_index  # noqa: E402
+from pipeline.data.loading import camera_slots, load_images, load_points, load_sample  # noqa: E402
 
 VERSION, SPLIT = "v1.0-mini", "mini_train"
 

@@ -29,13 +29,13 @@ from models.distill import UniDistillLoss, box_keypoints, sample_at_keypoints  #
 from pipeline.cache.reader import CacheReader, loader_worker_init  # noqa: E402
 from pipeline.cache.warp import warp_teacher_maps  # noqa: E402
 from pipeline.cache.writer import build_cache  # noqa: E402
-from pipeline.collate import collate  # noqa: E402
+from pipeline.data.collate import collate  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.dataset import DetectionDataset  # noqa: E402
-from pipeline.distill_task import DistillDataset, DistillLosses, collate_with_teacher, plan_student  # noqa: E402
-from pipeline.index import load_index  # noqa: E402
+from pipeline.data.dataset import DetectionDataset  # noqa: E402
+from pipeline.engine.distill_task import DistillDataset, DistillLosses, collate_with_teacher, plan_student  # noqa: E402
+from pipeline.data.index import load_index  # noqa: E402
 from pipeline.ray_env import ray_session  # noqa: E402
-from pipeline.train_tasks import detection_losses  # noqa: E402
+from pipeline.engine.detection_task import detection_losses  # noqa: E402
 from tests.bench.bench_inputs import dataset_and_teacher  # noqa: E402
 
 VERSION, SPLIT = "v1.0-mini", "mini_train"
@@ -127,7 +127,7 @@ def main() -> None:
     teacher, _ = load_detector(teacher_path)
     teacher.eval().requires_grad_(False)
 
-    def loader(ds, collate_fn, worker_init_fn=None):  # as pipeline.train_loop builds it
+    def loader(ds, collate_fn, worker_init_fn=None):  # as pipeline.engine.train_loop builds it
         return DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=args.loader_workers,
                           collate_fn=collate_fn, drop_last=True, worker_init_fn=worker_init_fn)
 

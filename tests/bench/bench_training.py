@@ -1,6 +1,6 @@
 """Benchmark: Ray Train throughput of the tiny detectors with 1 and 2 data-parallel workers.
 
-Trains each modality for a few epochs through the real stage machinery (pipeline.trainer.fit on a
+Trains each modality for a few epochs through the real stage machinery (pipeline.engine.trainer.fit on a
 loopback Ray cluster started here), then reads the run's metrics.jsonl: samples/s (global batch /
 step time) and the fraction of each step spent waiting for data, over the steps after the first
 epoch (start-up and worker spawn excluded). Prints a table, then one JSON line.
@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.ray_env import ray_session  # noqa: E402
-from pipeline.run_log import read_metrics  # noqa: E402
-from pipeline.train_tasks import detection_task  # noqa: E402
-from pipeline.trainer import fit  # noqa: E402
+from pipeline.engine.run_log import read_metrics  # noqa: E402
+from pipeline.engine.detection_task import detection_task  # noqa: E402
+from pipeline.engine.trainer import fit  # noqa: E402
 
 
 def measure(root: Path, modality: str, workers: int, epochs: int, batch: int, loader_workers: int,

@@ -68,7 +68,7 @@ def finished_model(run: str | Path, cfg: Mapping[str, Any], dataroot: str | Path
                    identity: Mapping[str, Any]) -> str | None:
     """RUN/model.pt when the run folder holds a finished run of `cfg` and `identity` on this data,
     else None. A finished run made with other settings raises ConfigError, as fit would."""
-    from pipeline.trainer import MODEL_FILE, prepare_run_folder
+    from pipeline.engine.trainer import MODEL_FILE, prepare_run_folder
 
     model = Path(run) / MODEL_FILE
     if not model.is_file():
@@ -97,7 +97,7 @@ def evaluate_once(model: str, dataroot: str | Path, version: str, split: str, ou
 
     Returns (metrics summary, seconds the evaluation took when it ran, reused).
     """
-    from pipeline.evaluator import evaluate_model
+    from pipeline.evaluation.model_eval import evaluate_model
 
     times = StepTimes(Path(out_dir) / TIMES_FILE)
     start = time.perf_counter()

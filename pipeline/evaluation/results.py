@@ -16,8 +16,8 @@ import numpy as np
 from nuscenes.utils.data_classes import Box
 from pyquaternion import Quaternion
 
-from pipeline.classes import CLASS_NAMES, default_attribute
-from pipeline.sample import BOX_DIM
+from models.classes import CLASS_NAMES, default_attribute
+from pipeline.data.sample import BOX_DIM
 
 MAX_BOXES_PER_SAMPLE = 500  # detection_cvpr_2019 rejects more
 

@@ -1,7 +1,7 @@
 """Data augmentation as matrices: image-space (IDA) per camera and BEV-space (BDA) per sample.
 
 Every augmentation is a matrix, applied to the data here and carried in the sample (`ida`, `bda`;
-pipeline/sample.py) so that the camera encoder's frustum and the teacher-target cache can replay
+pipeline/data/sample.py) so that the camera encoder's frustum and the teacher-target cache can replay
 it exactly. Sampling follows the BEVDepth recipe of the original code (spec §5.5).
 
 Pixel convention: (u, v) = (column, row) with pixel centres at integer coordinates, the

@@ -1,4 +1,4 @@
-"""Batching of samples (pipeline/sample.py) into the tensors the detectors consume."""
+"""Batching of samples (pipeline/data/sample.py) into the tensors the detectors consume."""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -6,7 +6,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from pipeline.sample import BOX_DIM, POINT_DIM, Sample
+from pipeline.data.sample import BOX_DIM, POINT_DIM, Sample
 
 # Fixed-size arrays stacked with a leading B, and their dtypes. The camera arrays may be absent
 # from every sample (a LiDAR-only loader need not read images), but not from only some.

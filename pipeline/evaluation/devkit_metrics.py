@@ -20,8 +20,8 @@ from nuscenes.eval.detection.data_classes import DetectionConfig
 from nuscenes.eval.detection.evaluate import DetectionEval
 from nuscenes.nuscenes import NuScenes
 
-from pipeline import nusc_db
-from pipeline.classes import CLASS_NAMES
+from pipeline.data import nusc_db
+from models.classes import CLASS_NAMES
 
 EVAL_CONFIG = "detection_cvpr_2019"
 TP_NAMES: tuple[tuple[str, str], ...] = (
@@ -71,7 +71,7 @@ def evaluate_results(nusc_or_dataroot: NuScenes | str | Path, version: str, spli
     Args:
         nusc_or_dataroot: an open NuScenes (its version must be `version`) or a dataroot to open.
         version, split: e.g. 'v1.0-mini', 'mini_val' (checked against each other).
-        results_json: the file pipeline.results.write_results_json wrote; it must cover every
+        results_json: the file pipeline.evaluation.results.write_results_json wrote; it must cover every
             sample token of the split (the devkit asserts it).
         render_curves: also save the devkit's PR/TP curve plots under out_dir/plots.
         config: the devkit DetectionConfig (see `detection_config`); None: `detection_cvpr_2019`.

@@ -27,7 +27,7 @@ import yaml
 
 from pipeline import storage
 from pipeline.config import ConfigError, load_config
-from pipeline.experiment import TIMES_FILE, StepTimes, evaluate_once, finished_model
+from pipeline.experiments.runs import TIMES_FILE, StepTimes, evaluate_once, finished_model
 
 RESULT_COLUMNS = ("variant", "kind", "overrides", "mAP", "NDS", "mATE", "mASE", "mAOE", "mAVE", "mAAE", "minutes")
 TP_KEYS = (("mATE", "trans_err"), ("mASE", "scale_err"), ("mAOE", "orient_err"), ("mAVE", "vel_err"),
@@ -83,10 +83,10 @@ def train_variant(variant: Mapping[str, Any], config: str, cache: str | None, da
     other settings is refused, as fit refuses it). Returns (model file, training seconds, reused):
     a reused run reports the seconds recorded when it trained.
     """
-    from pipeline.distill_task import distill_task, plan_student
-    from pipeline.index import load_index
-    from pipeline.train_tasks import detection_task
-    from pipeline.trainer import fit
+    from pipeline.engine.distill_task import distill_task, plan_student
+    from pipeline.data.index import load_index
+    from pipeline.engine.detection_task import detection_task
+    from pipeline.engine.trainer import fit
 
     start = time.perf_counter()
     cfg = load_config(config, variant["overrides"])

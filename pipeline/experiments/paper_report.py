@@ -1,4 +1,4 @@
-"""The paper table's outputs from its result rows (see pipeline/paper_table.py): results.csv, the
+"""The paper table's outputs from its result rows (see pipeline/experiments/paper_table.py): results.csv, the
 table in the paper's form (results.md) and a bar chart (PNG).
 
 A row is one evaluated model in one role of one path: {path, role (teacher | baseline | student),
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from pipeline.experiment import mean_std
+from pipeline.experiments.runs import mean_std
 
 CSV_COLUMNS = ("path", "role", "seed", "config", "mAP", "NDS", "minutes", "run")
 ROLES = ("teacher", "baseline", "student")

@@ -1,7 +1,7 @@
 """Load one sample from disk given its index row: points with sweeps, source images, calibration, GT.
 
-The result is un-augmented; `pipeline.dataset.DetectionDataset` adds augmentation and image
-normalisation. Fields (see pipeline/sample.py for the finished contract):
+The result is un-augmented; `pipeline.data.dataset.DetectionDataset` adds augmentation and image
+normalisation. Fields (see pipeline/data/sample.py for the finished contract):
 
     token       str
     points      float32 [N, 5]        x, y, z, intensity, time lag (s); key frame has lag 0, sweeps are
@@ -26,8 +26,8 @@ from typing import Any, Mapping, Sequence
 import cv2
 import numpy as np
 
-from pipeline.classes import CLASS_INDEX
-from pipeline.sample import BOX_DIM, Sample
+from models.classes import CLASS_INDEX
+from pipeline.data.sample import BOX_DIM, Sample
 
 # nuScenes .pcd.bin rows: x, y, z, intensity, ring index (float32).
 RAW_POINT_DIM = 5
@@ -132,11 +132,11 @@ def load_sample(row: Mapping[str, Any], dataroot: str | Path, cfg_data: Mapping[
     """Un-augmented sample of one index row (see module docstring).
 
     Args:
-        row: an index row (pipeline.index.load_index).
+        row: an index row (pipeline.data.index.load_index).
         dataroot: the nuScenes dataroot the row's relative paths start from.
         cfg_data: the config's `data` section (cameras, lidar_sweeps, min_points_in_box).
         with_images: False skips decoding and leaves out `images` and `ida` (LiDAR-only uses;
-            pipeline.collate accepts camera arrays absent from every sample).
+            pipeline.data.collate accepts camera arrays absent from every sample).
     """
     root = Path(dataroot)
     slots = camera_slots(row, cfg_data["cameras"])

@@ -1,7 +1,7 @@
-"""Training tasks for pipeline.train_loop: what a run trains and which loss it minimises.
+"""Training tasks for pipeline.engine.train_loop: what a run trains and which loss it minimises.
 
 `detection_task` trains any modality's detector on its detection loss alone: teachers and the
-no-distillation student baselines. The distillation task lives in pipeline/distill_task.py.
+no-distillation student baselines. The distillation task lives in pipeline/engine/distill_task.py.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from torch import nn
 
 from models.center_head import mean_over_workers
 from models.detector import build_detector
-from pipeline.dataset import DetectionDataset
-from pipeline.train_loop import TrainTask, unwrap
+from pipeline.data.dataset import DetectionDataset
+from pipeline.engine.train_loop import TrainTask, unwrap
 
 
 def training_dataset(loop_config: Mapping[str, Any], modality: str) -> DetectionDataset:

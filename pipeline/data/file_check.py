@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from pipeline.index import load_index
-from pipeline.loading import RAW_POINT_DIM, camera_slots
+from pipeline.data.index import load_index
+from pipeline.data.loading import RAW_POINT_DIM, camera_slots
 
 POINT_RECORD_BYTES = RAW_POINT_DIM * 4  # x, y, z, intensity, ring as float32
 # How whole image files end (the last bytes of a file cut off mid-copy are something else).
@@ -65,7 +65,7 @@ def check_split_files(dataroot: str | Path, version: str, split: str, cfg: Mappi
     Raises ValueError listing the problems (the first SHOWN, and their count) and naming the split.
     Prints progress about every 10 % of the files.
     """
-    from pipeline.dataset import index_sweeps
+    from pipeline.data.dataset import index_sweeps
 
     root = Path(dataroot)
     rows = load_index(root, version, split, max_sweeps=index_sweeps(cfg))

@@ -22,12 +22,13 @@ import pyarrow.compute as pc
 import yaml
 
 from models.checkpoint import save_state_dict
-from pipeline import nusc_db, storage
+from pipeline.data import nusc_db
+from pipeline import storage
 from pipeline.config import ConfigError, diff_keys
-from pipeline.dataset import index_sweeps
-from pipeline.index import build_index, share_index
+from pipeline.data.dataset import index_sweeps
+from pipeline.data.index import build_index, share_index
 from pipeline.ray_env import WORKER_ENV, ray_session
-from pipeline.train_loop import read_checkpoint_state, train_loop_per_worker
+from pipeline.engine.train_loop import read_checkpoint_state, train_loop_per_worker
 
 CONFIG_FILE = "config.yaml"
 MODEL_FILE = "model.pt"
@@ -102,7 +103,7 @@ def fit(cfg: Mapping[str, Any], dataroot: str | Path, version: str, split: str, 
         cfg: resolved config (sections grid, data, model, train, runtime).
         dataroot, version, split: the nuScenes training data.
         output: the run folder (local path or URL); see the module docstring.
-        build_task: factory (loop_config, device) -> pipeline.train_loop.TrainTask, run in each worker.
+        build_task: factory (loop_config, device) -> pipeline.engine.train_loop.TrainTask, run in each worker.
         identity: settings stored with the config that a resumed run must share (besides the data).
         address: Ray cluster address (None: RAY_ADDRESS, a running local cluster, or a new one).
         extra_loop_config: more keys for the loop config (read by `build_task`).

@@ -10,7 +10,7 @@ import numpy as np
 
 from pipeline.cache import store
 from pipeline.cache.schema import MAP_NAMES, CacheLayout
-from pipeline.grid import BEVGrid
+from models.bev_grid import BEVGrid
 
 
 def verify(uri: str) -> dict[str, Any]:
@@ -87,7 +87,7 @@ def format_describe(info: dict[str, Any]) -> str:
 def render(uri: str, token: str, view: int, out_path: str | Path, gt_boxes: np.ndarray | None = None) -> Path:
     """PNG of one cached view: low and high feature magnitude, class-max heat map, with GT boxes."""
     from pipeline.cache.reader import CacheReader
-    from pipeline.visualize import render_bev_maps
+    from pipeline.evaluation.visualize import render_bev_maps
 
     reader = CacheReader(uri)
     maps = reader.read(token, view)

@@ -13,12 +13,12 @@ A sample is a plain dict of numpy arrays (cheap to pickle through Ray, easy to c
     bda         float32 [4, 4]           BEV augmentation: LiDAR-frame point -> augmented frame
     gt_boxes    float32 [M, 9]           x, y, z (centre), dx, dy, dz (length, width, height), yaw, vx, vy
                                          in the augmented LiDAR frame; dx is along the heading
-    gt_labels   int64 [M]                index into pipeline.classes.CLASS_NAMES
+    gt_labels   int64 [M]                index into models.classes.CLASS_NAMES
 
 A camera pixel (u, v) of the network input at depth d maps to the augmented LiDAR frame as
     p_src = ida^-1 @ [u, v, 1];  p_cam = d * K^-1 @ p_src;  p_aug = bda @ cam2lidar @ [p_cam, 1].
 
-A batch (pipeline.collate.collate) stacks the fixed-size arrays with a leading B, keeps
+A batch (pipeline.data.collate.collate) stacks the fixed-size arrays with a leading B, keeps
 `points` as a list of [N_i, 5] tensors, and pads boxes: gt_boxes [B, M_max, 9] (zeros),
 gt_labels [B, M_max] (-1 for padding), gt_mask [B, M_max] bool.
 """

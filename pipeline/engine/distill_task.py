@@ -1,4 +1,4 @@
-"""Distillation training task for pipeline.train_loop: a student detector trained on its detection
+"""Distillation training task for pipeline.engine.train_loop: a student detector trained on its detection
 loss plus the UniDistill losses against a teacher's maps (spec §2, DESIGN §3.4-3.5).
 
 Teacher maps come from one of two sources:
@@ -25,14 +25,14 @@ from models.distill import UniDistillLoss, resolve_distill_config
 from pipeline.cache.reader import CacheReader, loader_worker_init
 from pipeline.cache.schema import CacheError, CacheMismatchError, channel_layout, differing_fields
 from pipeline.cache.warp import warp_teacher_maps
-from pipeline.classes import CLASS_NAMES
-from pipeline.collate import collate
+from models.classes import CLASS_NAMES
+from pipeline.data.collate import collate
 from pipeline.config import ConfigError
-from pipeline.dataset import DetectionDataset, view_rng
-from pipeline.loading import sweep_padding
-from pipeline.grid import BEVGrid
-from pipeline.sample import Sample
-from pipeline.train_loop import TrainTask, unwrap
+from pipeline.data.dataset import DetectionDataset, view_rng
+from pipeline.data.loading import sweep_padding
+from models.bev_grid import BEVGrid
+from pipeline.data.sample import Sample
+from pipeline.engine.train_loop import TrainTask, unwrap
 
 MAPS = ("low", "high", "heatmap", "regression")
 VIEW_POLICIES = ("auto", "replay", "canonical", "warp")

@@ -50,7 +50,7 @@ from nuscenes.nuscenes import NuScenes
 from nuscenes.utils.geometry_utils import transform_matrix
 from pyquaternion import Quaternion
 
-from pipeline import nusc_db
+from pipeline.data import nusc_db
 
 INDEX_SCHEMA_VERSION = "2"  # 2: vertical velocity dropped before the rotation into the LiDAR frame
 CAMERA_ORDER: tuple[str, ...] = (

@@ -8,7 +8,7 @@ For the chosen UniDistill paths (teacher modality -> student modality) and seeds
     -> per seed and path: the baseline (the student modality's detector, train.seed=s for s > 0)
        and the distilled student from that cache, same recipe and budget -> evaluation
     -> the loss ablation on lidar -> camera: feature, relation, response alone and all three, as one
-       sweep over the LiDAR teacher's cache (pipeline.sweep)
+       sweep over the LiDAR teacher's cache (pipeline.experiments.sweep)
     -> OUT/results.csv, OUT/results.md (the table in the paper's form), OUT/results.png,
        OUT/ablation/results.md
 
@@ -197,7 +197,7 @@ def plan_table(preset: str, paths: Sequence[str], seeds: Sequence[int], ablation
 def ablation_variants(plan: TablePlan) -> list[dict[str, Any]]:
     """The loss ablation's variants (ABLATION_GRID without its baseline: the table has it); the
     all-losses variant names the table's seed-0 student run, which it is, when the table has one."""
-    from pipeline.sweep import read_grid
+    from pipeline.experiments.sweep import read_grid
 
     student = run_name(plan.preset, ABLATION_PATH, 0)
     out = []
@@ -215,9 +215,9 @@ class TableRunner:
 
     def __init__(self, plan: TablePlan, out: Path, dataroot: Path, version: str, overrides: Sequence[str] = (),
                  address: str | None = None) -> None:
-        from pipeline import nusc_db
-        from pipeline.experiment import StepTimes
-        from pipeline.trainer import default_train_split
+        from pipeline.data import nusc_db
+        from pipeline.experiments.runs import StepTimes
+        from pipeline.engine.trainer import default_train_split
 
         self.plan, self.out, self.dataroot, self.version = plan, Path(out), Path(dataroot), version
         self.overrides, self.address = list(overrides), address
@@ -238,7 +238,7 @@ class TableRunner:
 
     def looks_done(self, step: Step) -> bool:
         """Whether a step's output is there already (for the ETA only; each step checks properly)."""
-        from pipeline.experiment import METRICS_SUMMARY
+        from pipeline.experiments.runs import METRICS_SUMMARY
 
         return {"train": lambda: (self.run_dir(step.target) / "model.pt").is_file(),
                 "evaluate": lambda: (self.run_dir(step.target) / "eval" / METRICS_SUMMARY).is_file(),
@@ -247,7 +247,7 @@ class TableRunner:
 
     def run(self) -> None:
         """Every step in order, each line with the elapsed time and an ETA."""
-        from pipeline.experiment import Progress
+        from pipeline.experiments.runs import Progress
 
         progress = Progress(LOG, len(self.plan.steps))
         for k, step in enumerate(self.plan.steps, 1):
@@ -260,7 +260,7 @@ class TableRunner:
                   f"{seconds / 60:.1f} min", flush=True)
 
     def _train(self, name: str) -> tuple[float, bool]:
-        from pipeline.sweep import train_variant
+        from pipeline.experiments.sweep import train_variant
 
         run = self.plan.runs[name]
         variant = {"name": name, "overrides": run.overrides(self.overrides), "baseline": run.teacher is None,
@@ -273,7 +273,7 @@ class TableRunner:
         return seconds, reused
 
     def _evaluate(self, name: str) -> tuple[float, bool]:
-        from pipeline.experiment import evaluate_once
+        from pipeline.experiments.runs import evaluate_once
 
         summary, seconds, reused = evaluate_once(self.models[name], self.dataroot, self.version, self.eval_split,
                                                  self.run_dir(name) / "eval", address=self.address)
@@ -292,7 +292,7 @@ class TableRunner:
         return self.cache_seconds[modality], reused
 
     def _ablation(self, path: str) -> tuple[float, bool]:
-        from pipeline.sweep import run_sweep
+        from pipeline.experiments.sweep import run_sweep
 
         start = time.perf_counter()
         variants = [dict(v, overrides=[*self.overrides, *v["overrides"]],
@@ -319,7 +319,7 @@ def detection_config_lines(runner: TableRunner) -> list[str]:
     from nuscenes.eval.detection.data_classes import DetectionConfig
 
     from pipeline.config import load_config
-    from pipeline.evaluation import describe_detection_config, detection_config
+    from pipeline.evaluation.devkit_metrics import describe_detection_config, detection_config
 
     lines: list[str] = []
     for name, (summary, _) in runner.results.items():
@@ -350,7 +350,7 @@ def ablation_lines(runner: TableRunner) -> list[str]:
 
 def write_outputs(runner: TableRunner, seconds: float) -> Path:
     """OUT/results.csv, results.md and results.png of a finished TableRunner; returns results.md."""
-    from pipeline.paper_report import format_results_md, plot_results, write_csv
+    from pipeline.experiments.paper_report import format_results_md, plot_results, write_csv
 
     plan, out = runner.plan, runner.out
     rows = runner.rows()
@@ -386,9 +386,9 @@ def make_table(out: str | Path, paths: Sequence[str], seeds: Sequence[int], pres
     Without `dataroot` the preset's TABLE_DATASETS entry is generated into OUT/nuscenes (once). `ablation` None:
     on when lidar_to_camera is among the paths. Returns the path of results.md.
     """
-    from pipeline import nusc_db
+    from pipeline.data import nusc_db
     from pipeline.config import load_config
-    from pipeline.experiment import ensure_dataset
+    from pipeline.experiments.runs import ensure_dataset
     from pipeline.ray_env import ray_session
 
     check_preset(preset, paths)

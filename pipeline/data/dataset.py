@@ -1,4 +1,4 @@
-"""A torch Dataset of augmented, network-ready samples (pipeline/sample.py) for one nuScenes split.
+"""A torch Dataset of augmented, network-ready samples (pipeline/data/sample.py) for one nuScenes split.
 
 index row -> `load_sample` (raw points, images, GT) -> augmentation -> normalised images, BEV-
 augmented points and boxes, boxes kept when at least one of their 8 corners lies inside the grid's
@@ -21,12 +21,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from pipeline import augment
-from pipeline.classes import CLASS_NAMES, NUM_CLASSES
-from pipeline.grid import BEVGrid
-from pipeline.index import index_rows, load_index
-from pipeline.loading import filter_gt, load_sample
-from pipeline.sample import Sample
+from pipeline.data import augment
+from models.classes import CLASS_NAMES, NUM_CLASSES
+from models.bev_grid import BEVGrid
+from pipeline.data.index import index_rows, load_index
+from pipeline.data.loading import filter_gt, load_sample
+from pipeline.data.sample import Sample
 
 INDEX_SWEEPS = 10  # sweeps listed in the index; a config may load fewer
 
@@ -100,15 +100,15 @@ def augment_bev(sample: Sample, mat: np.ndarray, grid: BEVGrid) -> Sample:
 
 
 class DetectionDataset(torch.utils.data.Dataset):
-    """Augmented samples of one split, in the sample contract of pipeline/sample.py.
+    """Augmented samples of one split, in the sample contract of pipeline/data/sample.py.
 
     Args:
         dataroot, version, split: the nuScenes data (e.g. 'v1.0-mini', 'mini_train').
         cfg: the full run config (uses `grid` and `data`).
         train: random augmentation (and CBGS if cfg data.cbgs) if True, else the eval transform.
         seed: base seed of augmentation and CBGS.
-        cache_dir: where the sample index is kept (default: see pipeline.index.index_path).
-        index: the split's index as shared by the driver (pipeline.index.share_index: an ObjectRef,
+        cache_dir: where the sample index is kept (default: see pipeline.data.index.index_path).
+        index: the split's index as shared by the driver (pipeline.data.index.share_index: an ObjectRef,
             or the table); None builds or reads it here, which only local, single-process uses should do.
         with_images: False skips the cameras' images (LiDAR-only models); samples then lack
             `images` and `ida`.

@@ -6,7 +6,7 @@ data-parallel loading, AdamW + schedule, AMP on GPU, gradient clipping, metrics,
 per epoch through `ray.train.report`, and resuming from the run's latest checkpoint.
 
 Loop config keys: cfg (resolved run config), dataroot, version, split, index (the split's index
-in Ray's object store, pipeline.index.share_index), log_dir (local
+in Ray's object store, pipeline.data.index.share_index), log_dir (local
 folder for metrics on rank 0, or None), log_url (where to copy them after each epoch, or None),
 build_task (callable(loop_config, device) -> TrainTask).
 """
@@ -26,10 +26,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from pipeline import storage
-from pipeline.collate import collate
-from pipeline.optim import build_optimizer, build_scheduler, clip_gradients, describe_lr, scaled_lr
-from pipeline.precise_bn import recompute_bn_stats
-from pipeline.run_log import METRICS_FILE, TENSORBOARD_DIR, MetricsLog
+from pipeline.data.collate import collate
+from pipeline.engine.optim import build_optimizer, build_scheduler, clip_gradients, describe_lr, scaled_lr
+from pipeline.engine.precise_bn import recompute_bn_stats
+from pipeline.engine.run_log import METRICS_FILE, TENSORBOARD_DIR, MetricsLog
 
 CHECKPOINT_STATE = "state.pt"
 LossFn = Callable[[nn.Module, nn.ModuleDict, dict], dict]
@@ -46,7 +46,7 @@ class TrainTask:
             may be wrapped in DistributedDataParallel (call it for the forward pass).
         extra: trainable modules used only by the losses (e.g. distillation adaptation layers):
             checkpointed for resume, never exported; their gradients are averaged over workers.
-        collate_fn: batches the dataset's samples (default pipeline.collate.collate).
+        collate_fn: batches the dataset's samples (default pipeline.data.collate.collate).
         worker_init_fn: run once in each DataLoader worker process (e.g. to cap a reader's threads).
     """
 

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from models.detector import load_detector
-from pipeline.collate import collate
-from pipeline.dataset import DetectionDataset
-from pipeline.results import lidar_boxes_to_results
-from pipeline.train_loop import to_device
+from pipeline.data.collate import collate
+from pipeline.data.dataset import DetectionDataset
+from pipeline.evaluation.results import lidar_boxes_to_results
+from pipeline.engine.train_loop import to_device
 
 
 def eval_dataset(cfg: Mapping[str, Any], dataroot: str | Path, version: str, split: str,
@@ -40,7 +40,7 @@ class Predictor:
         model_path: a model file (RUN_DIR/model.pt).
         dataroot, version, split: the data to run on.
         load_threads: threads loading a batch's samples.
-        index: the split's index shared by the driver (pipeline.index.share_index).
+        index: the split's index shared by the driver (pipeline.data.index.share_index).
     """
 
     def __init__(self, model_path: str, dataroot: str, version: str, split: str, load_threads: int = 2,
@@ -72,7 +72,7 @@ def predict_split(model_path: str | Path, dataroot: str | Path, version: str, sp
                   gpus_per_actor: float = 0.0, index: Any = None) -> dict[str, list[dict]]:
     """Run the model over every sample of the split with Ray Data; return {token: sample_results}.
 
-    `index`: the split's index shared by the driver (pipeline.index.share_index); the actors read
+    `index`: the split's index shared by the driver (pipeline.data.index.share_index); the actors read
     their rows from it instead of opening the devkit.
     """
     import ray.data

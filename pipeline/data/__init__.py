@@ -1,0 +1,1 @@
+"""Reading nuScenes: the devkit-built index, sample loading, augmentation and batching."""

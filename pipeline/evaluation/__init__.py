@@ -1,0 +1,1 @@
+"""Inference, the nuScenes results format, devkit scoring and pictures."""

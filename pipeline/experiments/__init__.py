@@ -1,0 +1,1 @@
+"""Drivers that chain many runs: student sweeps, the paper table, shared run bookkeeping."""
