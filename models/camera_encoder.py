@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.resnet import ResNet, load_pretrained
 from models.bev_grid import BEVGrid
+from models.resnet import ResNet, load_pretrained
 
 
 class SECONDFPN(nn.Module):

@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
+from models.bev_grid import BEVGrid
 from models.box_ops import aligned_iou_3d, aligned_iou_bev, rotated_nms
 from models.classes import CLASS_INDEX, NUM_CLASSES, REGRESSION_CHANNELS, REGRESSION_PER_TASK, TASKS
-from models.bev_grid import BEVGrid
 
 # The 10 box-code channels of a task (its regression channels without "iou"):
 # offset x, offset y (cells), z (m), log dx, log dy, log dz (m), sin yaw, cos yaw, vx, vy (m/s).
@@ -105,19 +104,6 @@ def ideal_outputs(targets: HeadTargets, logit: float = 20.0) -> tuple[Tensor, Te
     b, t, _, h, w = targets.box.shape
     iou = targets.positive.to(targets.box.dtype)[:, :, None]  # [B, T, 1, H, W]: 2 * (1 - 0.5) at positives
     return heatmap, torch.cat([targets.box, iou], dim=2).reshape(b, t * REGRESSION_PER_TASK, h, w)
-
-
-def mean_over_workers(count: Tensor) -> Tensor:
-    """The mean of `count` over torch.distributed workers (itself when not distributed).
-
-    Pass as `reduce_count` to CenterHead.compute_loss so that every worker divides by the same
-    positive count (spec §3.6: counts averaged across GPUs).
-    """
-    if dist.is_available() and dist.is_initialized():
-        count = count.clone()
-        dist.all_reduce(count, op=dist.ReduceOp.SUM)
-        count = count / dist.get_world_size()
-    return count
 
 
 # --- layers --------------------------------------------------------------------------------------
@@ -315,7 +301,7 @@ class CenterHead(nn.Module):
         iou_aware (L1 to 2 * (IoU - 0.5)), iou3d (mean 1 - IoU3D, 0 while the box loss >= gate).
 
         All are normalised by the task's positive count, passed through `reduce_count` first (e.g.
-        `mean_over_workers`) and floored at 1, so a batch without objects gives finite zeros.
+        `pipeline.engine.comm.mean_over_workers`) and floored at 1, so a batch without objects gives finite zeros.
         """
         self._check_map(heatmap, NUM_CLASSES, "heatmap")
         self._check_map(regression, REGRESSION_PER_TASK * len(TASKS), "regression")

@@ -41,24 +41,26 @@ def save_state_dict(path: str | Path, state_dict: Mapping[str, torch.Tensor], cf
 
 
 def read_model_file(path: str | Path) -> dict[str, Any]:
-    """The payload of a model file written by save_model (a local path or a URL such as s3://...),
-    with clear errors otherwise."""
-    from pipeline import storage
-
-    p = str(path)
-    if not storage.exists(p) or (not storage.is_url(p) and not Path(p).is_file()):
+    """The payload of a local model file written by save_model, with clear errors otherwise.
+    (pipeline.model_files reads the same files from object-store URLs.)"""
+    p = Path(path)
+    if not p.is_file():
         raise CheckpointError(f"model file {p}: not found")
+    return parse_model_file(p.read_bytes(), str(p))
+
+
+def parse_model_file(data: bytes, source: str) -> dict[str, Any]:
+    """Check and return the payload of a model file's bytes; `source` names it in errors."""
     try:
-        data = io.BytesIO(storage.read_bytes(p))
-        payload = torch.load(data, map_location="cpu", weights_only=False)
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt files
-        raise CheckpointError(f"model file {p}: cannot be read as a torch file ({e})") from e
+        raise CheckpointError(f"model file {source}: cannot be read as a torch file ({e})") from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"model file {p}: not a {FORMAT} file (expected a dict with format={FORMAT!r}; "
+        raise CheckpointError(f"model file {source}: not a {FORMAT} file (expected a dict with format={FORMAT!r}; "
                               "export one with stages/train_teacher.py)")
     for key in ("config", "state_dict"):
         if key not in payload:
-            raise CheckpointError(f"model file {p}: missing field {key!r}")
+            raise CheckpointError(f"model file {source}: missing field {key!r}")
     return payload
 
 
@@ -76,10 +78,3 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
                  (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shape)) if xs]
         raise CheckpointError(f"{source}: weights do not fit the model; " + "; ".join(parts))
     model.load_state_dict(state_dict, strict=True)
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file, local or at a URL (teacher identity in cache fingerprints)."""
-    from pipeline import storage
-
-    return storage.sha256(path)

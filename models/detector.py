@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from models.bev_encoder import BEVEncoder
+from models.bev_grid import BEVGrid
 from models.camera_encoder import CameraEncoder
 from models.center_head import CenterHead
 from models.checkpoint import CheckpointError, load_state_dict_strict, read_model_file, save_model
 from models.fusion import FusionEncoder
 from models.lidar_encoder import LidarEncoder
-from models.bev_grid import BEVGrid
 
 MODALITIES = ("lidar", "camera", "fusion")
 DetectorOutput = dict[str, torch.Tensor]  # low, high, heatmap, regression
@@ -109,7 +109,7 @@ class BEVDetector(nn.Module):
         """Named detection losses; 'loss' is their weighted total.
 
         `reduce_count` averages positive counts over data-parallel workers
-        (models.center_head.mean_over_workers) so every worker normalises alike.
+        (pipeline.engine.comm.mean_over_workers in training) so every worker normalises alike.
         """
         out = self(batch) if out is None else out
         losses = self.head.compute_loss(out["heatmap"], out["regression"], batch["gt_boxes"],
@@ -153,11 +153,17 @@ def save_detector(path: str | Path, model: BEVDetector, cfg: Mapping[str, Any], 
 
 def load_detector(path: str | Path, device: torch.device | str | None = None,
                   expect_grid: BEVGrid | None = None) -> tuple[BEVDetector, dict[str, Any]]:
-    """Rebuild a detector from a model file and load its weights strictly."""
-    payload = read_model_file(path)
+    """Rebuild a detector from a local model file and load its weights strictly
+    (pipeline.model_files.load_detector also takes object-store URLs)."""
+    return detector_from_payload(read_model_file(path), str(path), device, expect_grid)
+
+
+def detector_from_payload(payload: Mapping[str, Any], source: str, device: torch.device | str | None = None,
+                          expect_grid: BEVGrid | None = None) -> tuple[BEVDetector, dict[str, Any]]:
+    """Rebuild a detector from a model file's payload (read_model_file) and load its weights strictly."""
     cfg = payload["config"]
     if expect_grid is not None and BEVGrid.from_config(cfg["grid"]) != expect_grid:
-        raise CheckpointError(f"model file {path}: built for grid {cfg['grid']}, expected {expect_grid.to_dict()}")
+        raise CheckpointError(f"model file {source}: built for grid {cfg['grid']}, expected {expect_grid.to_dict()}")
     # Built on the target device so that the sparse convs pick that device's algorithm; the
     # weights are layout-compatible between algorithms (DESIGN §5). The backbone's ImageNet file
     # (model.camera_encoder.pretrained) is not read again: the model file's weights replace it,
@@ -166,5 +172,5 @@ def load_detector(path: str | Path, device: torch.device | str | None = None,
     if (cfg["model"].get("camera_encoder") or {}).get("pretrained") is not None:
         build_cfg["model"] = {**cfg["model"], "camera_encoder": {**cfg["model"]["camera_encoder"], "pretrained": None}}
     model = build_detector(build_cfg, device=device or "cpu")
-    load_state_dict_strict(model, payload["state_dict"], f"model file {path}")
+    load_state_dict_strict(model, payload["state_dict"], f"model file {source}")
     return model, cfg

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.bev_grid import BEVGrid
 from models.box_ops import bev_corners
 from models.classes import NUM_CLASSES, NUM_REGRESSION
-from models.bev_grid import BEVGrid
 
 ReduceCount = Callable[[Tensor], Tensor]
 
@@ -359,7 +359,7 @@ class UniDistillLoss(nn.Module):
     already weighted; a disabled loss (weight 0 or enabled false) is 0 and reads no maps.
     Outputs are DESIGN §3.2 dicts (low, high, heatmap logits, regression); teacher maps may be
     float16 and never receive gradients. `reduce_count` maps a local count to the count every
-    worker should divide by (models.center_head.mean_over_workers under DDP).
+    worker should divide by (pipeline.engine.comm.mean_over_workers under DDP).
     """
 
     def __init__(self, grid: BEVGrid, cfg: Mapping[str, Any]) -> None:

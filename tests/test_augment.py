@@ -8,10 +8,10 @@ from nuscenes.utils.data_classes import Box
 from nuscenes.utils.geometry_utils import points_in_box
 from pyquaternion import Quaternion
 
+from pipeline.config import load_config
 from pipeline.data.augment import (bev_aug_matrix, image_aug_matrix, transform_boxes, transform_points,
                               warp_image)
 from pipeline.data.collate import collate
-from pipeline.config import load_config
 
 IDA = load_config("nuscenes")["data"]["ida"]
 BDA = load_config("nuscenes")["data"]["bda"]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.detector import load_detector
+from models.bev_grid import BEVGrid
 from models.distill import UniDistillLoss, resolve_distill_config
 from pipeline.cache import inspection
 from pipeline.cache import store
@@ -23,7 +23,7 @@ from pipeline.cache.views import view_matrix
 from pipeline.cache.writer import build_cache, write_one_shard
 from pipeline.data.collate import collate
 from pipeline.evaluation.inference import eval_dataset
-from models.bev_grid import BEVGrid
+from pipeline.model_files import load_detector
 
 from tests.conftest import REPO, free_port
 
@@ -303,7 +303,7 @@ def test_s3_url_round_trip(s3_server, caches, tiny_teacher, nusc_root):
     info = inspection.describe(f"{s3_server}/unidistill/cache")
     assert info["complete"] and json.dumps(info["fingerprint"])
     # Model files on the object store too: the teacher read from s3:// is the same teacher.
-    from models.checkpoint import file_sha256, read_model_file
+    from pipeline.model_files import file_sha256, read_model_file
 
     fs, root = store.filesystem(f"{s3_server}/runs/teacher")
     fs.put_file(str(tiny_teacher), f"{root}/model.pt")

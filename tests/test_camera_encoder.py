@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from models.bev_grid import BEVGrid
 from models.camera_encoder import CameraEncoder, LSSViewTransform, voxel_pool
 from models.resnet import ResNet, load_pretrained
-from pipeline.data.augment import bev_aug_matrix, image_aug_matrix, transform_points
 from pipeline.config import load_config
-from models.bev_grid import BEVGrid
+from pipeline.data.augment import bev_aug_matrix, image_aug_matrix, transform_points
 
 TINY = load_config("tiny")
 NUSC = load_config("nuscenes")

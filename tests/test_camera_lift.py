@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
+from models.bev_grid import BEVGrid
 from models.camera_encoder import LSSViewTransform, voxel_pool
 from pipeline.config import load_config
 from pipeline.data.dataset import DetectionDataset, box_corners
-from models.bev_grid import BEVGrid
 
 VERSION = "v1.0-mini"
 STRIDE = 16  # the tiny camera encoder's feature stride (SECONDFPN output)

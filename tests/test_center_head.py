@@ -9,12 +9,13 @@ import torch
 from shapely import affinity
 from shapely.geometry import box as shapely_box
 
+from models.bev_grid import BEVGrid
 from models.box_ops import aligned_iou_bev, iou_bev, paired_iou_bev, rotated_nms
-from models.center_head import (BOX_CODE_SIZE, CenterHead, HeadTargets, ideal_outputs, mean_over_workers,
+from models.center_head import (BOX_CODE_SIZE, CenterHead, HeadTargets, ideal_outputs,
                                 split_heatmap, split_regression)
 from models.classes import CLASS_INDEX, CLASS_NAMES, REGRESSION_CHANNELS, TASKS
 from pipeline.config import load_config
-from models.bev_grid import BEVGrid
+from pipeline.engine.comm import mean_over_workers
 
 # Paper widths (nuscenes) and small widths (tiny) of the head.
 PRESET_WIDTHS = {"nuscenes": dict(c_in=512, c_shared=64, c_head=64), "tiny": dict(c_in=32, c_shared=16, c_head=16)}

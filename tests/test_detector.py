@@ -28,16 +28,16 @@ from nuscenes.eval.detection.algo import accumulate, calc_ap
 from nuscenes.eval.detection.data_classes import DetectionBox
 from pyquaternion import Quaternion
 
+from models.bev_grid import BEVGrid
 from models.center_head import ideal_outputs
 from models.checkpoint import FORMAT, CheckpointError
-from models.detector import BEVDetector, build_detector, load_detector, save_detector
 from models.classes import CLASS_NAMES, NUM_CLASSES, NUM_REGRESSION
-from pipeline.data.collate import collate
+from models.detector import BEVDetector, build_detector, load_detector, save_detector
 from pipeline.config import load_config
+from pipeline.data.collate import collate
 from pipeline.data.dataset import DetectionDataset, boxes_in_range
-from pipeline.evaluation.devkit_metrics import EVAL_CONFIG, evaluate_results
-from models.bev_grid import BEVGrid
 from pipeline.data.loading import filter_gt
+from pipeline.evaluation.devkit_metrics import EVAL_CONFIG, evaluate_results
 from pipeline.evaluation.results import lidar_boxes_to_results, write_results_json
 from tests.conftest import deterministic_torch
 

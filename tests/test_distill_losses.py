@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from models.bev_grid import BEVGrid
+from models.classes import NUM_CLASSES, NUM_REGRESSION
 from models.distill import (DEFAULT_DISTILL_CONFIG, PATH_DEFAULTS, DistillAdaptation, UniDistillLoss,
                             box_gaussian_mask, box_keypoints, feature_distill_loss, gaussian_radius,
                             path_defaults, relation_distill_loss, relation_matrix, resolve_distill_config,
                             response_distill_loss, sample_at_keypoints)
-from models.classes import NUM_CLASSES, NUM_REGRESSION
-from models.bev_grid import BEVGrid
 
 # The paper's grid: +-54 m, 180 x 180 cells of 0.6 m.
 PAPER = BEVGrid((-54.0, -54.0, -5.0, 54.0, 54.0, 3.0), (0.075, 0.075, 0.2), 8)

@@ -29,13 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.bev_grid import BEVGrid
 from models.detector import BEVDetector, build_detector
 from models.distill import UniDistillLoss, box_keypoints, sample_at_keypoints
-from pipeline.data.collate import collate
 from pipeline.config import load_config
+from pipeline.data.collate import collate
 from pipeline.data.dataset import DetectionDataset
 from pipeline.engine.distill_task import DistillLosses, collate_with_teacher, distill_settings
-from models.bev_grid import BEVGrid
 from pipeline.engine.optim import build_optimizer, clip_gradients
 from tests.conftest import deterministic_torch
 

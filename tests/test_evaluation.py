@@ -10,9 +10,9 @@ from nuscenes.utils.geometry_utils import transform_matrix
 from pyquaternion import Quaternion
 
 from models.classes import CLASS_INDEX, CLASS_NAMES
-from pipeline.evaluation.devkit_metrics import evaluate_results, format_metrics_table
 from pipeline.data.index import load_index
 from pipeline.data.loading import filter_gt
+from pipeline.evaluation.devkit_metrics import evaluate_results, format_metrics_table
 from pipeline.evaluation.results import lidar_boxes_to_results, results_document, write_results_json
 
 VERSION = "v1.0-mini"

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from models.bev_grid import BEVGrid
 from models.classes import CLASS_NAMES, NUM_REGRESSION, TASKS, regression_channel_names
 from pipeline.config import ConfigError, apply_overrides, load_config, save_config
-from models.bev_grid import BEVGrid
 
 
 def test_presets_give_the_paper_and_tiny_grids():

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from spconv.pytorch import ConvAlgo
 from spconv.pytorch.conv import SparseConvolution
 
+from models.bev_grid import BEVGrid
 from models.lidar_encoder import LidarEncoder, conv_algo_for, height_compression
 from pipeline.config import load_config
-from models.bev_grid import BEVGrid
 
 TINY_KWARGS = dict(widths=(4, 8, 8, 8), out_channels=8)
 

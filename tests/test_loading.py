@@ -12,11 +12,11 @@ from nuscenes.utils.geometry_utils import BoxVisibility, points_in_box, transfor
 from nuscenes.utils.splits import create_splits_scenes
 from pyquaternion import Quaternion
 
+from models.classes import CLASS_INDEX, NUM_CLASSES
+from pipeline.config import load_config
 from pipeline.data import index as index_mod
 from pipeline.data import nusc_db
-from models.classes import CLASS_INDEX, NUM_CLASSES
 from pipeline.data.collate import collate
-from pipeline.config import load_config
 from pipeline.data.dataset import DetectionDataset, boxes_in_range, cbgs_indices
 from pipeline.data.index import build_index, index_path, load_index, read_index_metadata
 from pipeline.data.loading import load_sample

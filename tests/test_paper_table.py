@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.experiments import paper_table as pt
 from pipeline.config import ConfigError
-from pipeline.experiments.runs import Progress, dataset_matches, mean_std
+from pipeline.experiments import paper_table as pt
 from pipeline.experiments.paper_report import format_mean_std, format_results_md, group_by_path, plot_results, write_csv
+from pipeline.experiments.runs import Progress, dataset_matches, mean_std
 from stages import paper_table as stage
 
 ALL = list(pt.PATHS)

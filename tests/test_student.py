@@ -12,21 +12,22 @@ import numpy as np
 import pytest
 import torch
 
+from models.bev_grid import BEVGrid
 from models.center_head import ideal_outputs
-from models.detector import build_detector, load_detector
-from pipeline.data import augment
+from models.detector import build_detector
+from models.distill import UniDistillLoss
 from pipeline.cache import store
 from pipeline.cache.reader import CacheReader
 from pipeline.cache.schema import CacheError, CacheMismatchError
 from pipeline.cache.warp import warp_teacher_maps
-from pipeline.data.collate import collate
 from pipeline.config import ConfigError, load_config
+from pipeline.data import augment
+from pipeline.data.collate import collate
 from pipeline.data.dataset import DetectionDataset
+from pipeline.data.index import load_index
 from pipeline.engine.distill_task import (DistillDataset, DistillLosses, collate_with_teacher, plan_student,
                                    resolve_view_policy)
-from models.bev_grid import BEVGrid
-from pipeline.data.index import load_index
-from models.distill import UniDistillLoss
+from pipeline.model_files import load_detector
 
 from tests.conftest import REPO, committed_checkpoints
 

@@ -16,9 +16,9 @@ from nuscenes.utils.splits import create_splits_scenes
 from PIL import Image
 
 from models.classes import CLASS_NAMES
-from pipeline.evaluation.devkit_metrics import evaluate_results
 from pipeline.data.index import load_index
 from pipeline.data.nusc_db import open_nuscenes
+from pipeline.evaluation.devkit_metrics import evaluate_results
 from pipeline.evaluation.results import lidar_boxes_to_results, write_results_json
 from pipeline.synthetic import camera as synth_camera
 from pipeline.synthetic import format_summary, generate, summarize

@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
+from models.bev_grid import BEVGrid
 from pipeline.cache import store
 from pipeline.cache.schema import MAP_NAMES, CacheLayout
-from models.bev_grid import BEVGrid
 
 
 def verify(uri: str) -> dict[str, Any]:

@@ -13,10 +13,10 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from models.bev_grid import BEVGrid
 from models.box_ops import bev_corners
 from models.distill import gaussian_radius
 from pipeline.data import augment
-from models.bev_grid import BEVGrid
 
 # Cells kept beyond a box's footprint in `foreground` storage: bilinear neighbours of keypoints
 # (1), plus the response mask's Gaussian radius scaled for BEV-augmentation warps (x1.25), plus 1.

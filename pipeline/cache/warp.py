@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.classes import REGRESSION_CHANNELS, REGRESSION_PER_TASK, TASKS
 from models.bev_grid import BEVGrid
+from models.classes import REGRESSION_CHANNELS, REGRESSION_PER_TASK, TASKS
 
 _OFFSET = {name: sum(n for _, n in REGRESSION_CHANNELS[:i]) for i, (name, _) in enumerate(REGRESSION_CHANNELS)}
 

@@ -43,24 +43,23 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 
-from models.checkpoint import file_sha256, read_model_file
-from models.detector import load_detector
-from pipeline.data import nusc_db
+from models.bev_grid import BEVGrid
+from models.classes import CLASS_NAMES
 from pipeline.cache import store
 from pipeline.cache.schema import (DTYPES, SCHEMA_VERSION, STORAGE_MODES, CacheError, CacheLayout,
                                    CacheMismatchError, channel_layout, differing_fields, map_channels)
 from pipeline.cache.views import foreground_tiles, tile_mask, view_matrices
-from models.classes import CLASS_NAMES
+from pipeline.data import nusc_db
 from pipeline.data.collate import collate
 from pipeline.data.dataset import DetectionDataset, augment_bev, index_sweeps
-from models.bev_grid import BEVGrid
 from pipeline.data.index import build_index, share_index
 from pipeline.data.loading import sweep_padding
-from pipeline.evaluation.inference import eval_dataset
-from pipeline.ray_env import ray_session
 from pipeline.data.sample import Sample
-from pipeline.storage import is_url
 from pipeline.engine.train_loop import to_device
+from pipeline.evaluation.inference import eval_dataset
+from pipeline.model_files import file_sha256, load_detector, read_model_file
+from pipeline.ray_env import ray_session
+from pipeline.storage import is_url
 
 def default_tile(grid: BEVGrid, storage: str = "dense") -> int:
     """Chunk tile size (cells) of a storage mode.

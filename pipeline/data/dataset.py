@@ -21,9 +21,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from pipeline.data import augment
-from models.classes import CLASS_NAMES, NUM_CLASSES
 from models.bev_grid import BEVGrid
+from models.classes import CLASS_NAMES, NUM_CLASSES
+from pipeline.data import augment
 from pipeline.data.index import index_rows, load_index
 from pipeline.data.loading import filter_gt, load_sample
 from pipeline.data.sample import Sample

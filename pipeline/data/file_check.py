@@ -91,6 +91,6 @@ def check_split_files(dataroot: str | Path, version: str, split: str, cfg: Mappi
 
 def check_model_split_files(model_path: str, dataroot: str | Path, version: str, split: str) -> int:
     """`check_split_files` for the model stored at `model_path` (a teacher to cache, a model to score)."""
-    from models.checkpoint import read_model_file
+    from pipeline.model_files import read_model_file
 
     return check_split_files(dataroot, version, split, read_model_file(model_path)["config"])

@@ -10,9 +10,9 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from models.center_head import mean_over_workers
 from models.detector import build_detector
 from pipeline.data.dataset import DetectionDataset
+from pipeline.engine.comm import mean_over_workers
 from pipeline.engine.train_loop import TrainTask, unwrap
 
 

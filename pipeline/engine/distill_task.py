@@ -18,21 +18,21 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
-from models.center_head import mean_over_workers
-from models.checkpoint import read_model_file
-from models.detector import BEVDetector, build_detector, load_detector
+from models.bev_grid import BEVGrid
+from models.classes import CLASS_NAMES
+from models.detector import BEVDetector, build_detector
 from models.distill import UniDistillLoss, resolve_distill_config
 from pipeline.cache.reader import CacheReader, loader_worker_init
 from pipeline.cache.schema import CacheError, CacheMismatchError, channel_layout, differing_fields
 from pipeline.cache.warp import warp_teacher_maps
-from models.classes import CLASS_NAMES
-from pipeline.data.collate import collate
 from pipeline.config import ConfigError
+from pipeline.data.collate import collate
 from pipeline.data.dataset import DetectionDataset, view_rng
 from pipeline.data.loading import sweep_padding
-from models.bev_grid import BEVGrid
 from pipeline.data.sample import Sample
+from pipeline.engine.comm import mean_over_workers
 from pipeline.engine.train_loop import TrainTask, unwrap
+from pipeline.model_files import load_detector, read_model_file
 
 MAPS = ("low", "high", "heatmap", "regression")
 VIEW_POLICIES = ("auto", "replay", "canonical", "warp")

@@ -22,13 +22,13 @@ import pyarrow.compute as pc
 import yaml
 
 from models.checkpoint import save_state_dict
-from pipeline.data import nusc_db
 from pipeline import storage
 from pipeline.config import ConfigError, diff_keys
+from pipeline.data import nusc_db
 from pipeline.data.dataset import index_sweeps
 from pipeline.data.index import build_index, share_index
-from pipeline.ray_env import WORKER_ENV, ray_session
 from pipeline.engine.train_loop import read_checkpoint_state, train_loop_per_worker
+from pipeline.ray_env import WORKER_ENV, ray_session
 
 CONFIG_FILE = "config.yaml"
 MODEL_FILE = "model.pt"

@@ -20,8 +20,8 @@ from nuscenes.eval.detection.data_classes import DetectionConfig
 from nuscenes.eval.detection.evaluate import DetectionEval
 from nuscenes.nuscenes import NuScenes
 
-from pipeline.data import nusc_db
 from models.classes import CLASS_NAMES
+from pipeline.data import nusc_db
 
 EVAL_CONFIG = "detection_cvpr_2019"
 TP_NAMES: tuple[tuple[str, str], ...] = (

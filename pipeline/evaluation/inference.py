@@ -19,11 +19,11 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from models.detector import load_detector
 from pipeline.data.collate import collate
 from pipeline.data.dataset import DetectionDataset
-from pipeline.evaluation.results import lidar_boxes_to_results
 from pipeline.engine.train_loop import to_device
+from pipeline.evaluation.results import lidar_boxes_to_results
+from pipeline.model_files import load_detector
 
 
 def eval_dataset(cfg: Mapping[str, Any], dataroot: str | Path, version: str, split: str,

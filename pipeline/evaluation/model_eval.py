@@ -15,17 +15,18 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from models.checkpoint import CheckpointError, read_model_file
-from pipeline.data import nusc_db
-from pipeline.config import diff_keys, load_config
-from pipeline.evaluation.devkit_metrics import describe_detection_config, detection_config, evaluate_results, format_metrics_table
 from models.bev_grid import BEVGrid
+from models.checkpoint import CheckpointError
+from pipeline.config import diff_keys, load_config
+from pipeline.data import nusc_db
 from pipeline.data.dataset import index_sweeps
 from pipeline.data.index import build_index, share_index, table_to_rows
+from pipeline.evaluation.devkit_metrics import describe_detection_config, detection_config, evaluate_results, format_metrics_table
 from pipeline.evaluation.inference import eval_dataset, predict_split
-from pipeline.ray_env import ray_session
 from pipeline.evaluation.results import global_results_to_lidar, write_results_json
 from pipeline.evaluation.visualize import render_bev_sample
+from pipeline.model_files import read_model_file
+from pipeline.ray_env import ray_session
 
 RESULTS_FILE = "nuscenes_results.json"
 BEV_SAMPLES = 4

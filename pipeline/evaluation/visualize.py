@@ -11,8 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from models.classes import CLASS_NAMES  # noqa: E402
 from models.bev_grid import BEVGrid  # noqa: E402
+from models.classes import CLASS_NAMES  # noqa: E402
 
 
 def box_outline(box: np.ndarray) -> np.ndarray:

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.synthetic import catalog
+from pipeline.synthetic.rig import Rig, make_rig
 from pipeline.synthetic.road import (CARRIAGEWAY_EDGE, LANE_CENTRES, PARKING_EDGE, SIDEWALK_EDGE, VERGE_EDGE,
                                      Ground, Road, draw_ground, make_road)
-from pipeline.synthetic.rig import Rig, make_rig
 from pipeline.synthetic.scenes import SCENES, SceneSpec, mini_scenes
 from pipeline.synthetic.tokens import make_rng, make_token
 

@@ -27,18 +27,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from models.detector import build_detector, load_detector  # noqa: E402
+from models.detector import build_detector  # noqa: E402
 from pipeline.cache import store  # noqa: E402
+from pipeline.model_files import load_detector  # noqa: E402
 from tests.bench.bench_inputs import dataset_and_teacher  # noqa: E402
+from models.bev_grid import BEVGrid  # noqa: E402
 from pipeline.cache.reader import CacheReader  # noqa: E402
 from pipeline.cache.views import foreground_tiles  # noqa: E402
 from pipeline.cache.writer import TeacherRunner, _inputs_dataset, build_cache, plan_cache, write_one_shard  # noqa: E402
-from pipeline.data.collate import collate  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from models.bev_grid import BEVGrid  # noqa: E402
+from pipeline.data.collate import collate  # noqa: E402
+from pipeline.engine.detection_task import detection_losses  # noqa: E402
 from pipeline.evaluation.inference import eval_dataset  # noqa: E402
 from pipeline.ray_env import ray_session  # noqa: E402
-from pipeline.engine.detection_task import detection_losses  # noqa: E402
 
 VERSION, SPLIT = "v1.0-mini", "mini_train"
 NUSCENES_TRAIN_SAMPLES = 28130

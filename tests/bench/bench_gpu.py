@@ -48,10 +48,10 @@ sys.path.insert(0, str(ROOT))
 from models.detector import BEVDetector, build_detector  # noqa: E402
 from models.distill import UniDistillLoss  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
+from pipeline.engine.detection_task import detection_losses  # noqa: E402
 from pipeline.engine.distill_task import DistillLosses, MAPS, distill_settings  # noqa: E402
 from pipeline.engine.optim import build_optimizer, clip_gradients, scaled_lr  # noqa: E402
 from pipeline.engine.train_loop import to_device  # noqa: E402
-from pipeline.engine.detection_task import detection_losses  # noqa: E402
 from tests.bench.bench_models import synthetic_batch  # noqa: E402
 
 MODALITIES = ("lidar", "camera", "fusion")

@@ -38,10 +38,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from models.detector import build_detector  # noqa: E402
-from pipeline.data.augment import image_aug_matrix  # noqa: E402
 from models.classes import NUM_CLASSES  # noqa: E402
+from models.detector import build_detector  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
+from pipeline.data.augment import image_aug_matrix  # noqa: E402
 
 PRESETS = ("tiny", "nuscenes")
 MODALITIES = ("lidar", "camera", "fusion")

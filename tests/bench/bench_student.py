@@ -24,18 +24,19 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from models.detector import build_detector, load_detector  # noqa: E402
+from models.detector import build_detector  # noqa: E402
 from models.distill import UniDistillLoss, box_keypoints, sample_at_keypoints  # noqa: E402
 from pipeline.cache.reader import CacheReader, loader_worker_init  # noqa: E402
 from pipeline.cache.warp import warp_teacher_maps  # noqa: E402
 from pipeline.cache.writer import build_cache  # noqa: E402
-from pipeline.data.collate import collate  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
+from pipeline.data.collate import collate  # noqa: E402
 from pipeline.data.dataset import DetectionDataset  # noqa: E402
-from pipeline.engine.distill_task import DistillDataset, DistillLosses, collate_with_teacher, plan_student  # noqa: E402
 from pipeline.data.index import load_index  # noqa: E402
-from pipeline.ray_env import ray_session  # noqa: E402
 from pipeline.engine.detection_task import detection_losses  # noqa: E402
+from pipeline.engine.distill_task import DistillDataset, DistillLosses, collate_with_teacher, plan_student  # noqa: E402
+from pipeline.model_files import load_detector  # noqa: E402
+from pipeline.ray_env import ray_session  # noqa: E402
 from tests.bench.bench_inputs import dataset_and_teacher  # noqa: E402
 
 VERSION, SPLIT = "v1.0-mini", "mini_train"

@@ -20,10 +20,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.ray_env import ray_session  # noqa: E402
-from pipeline.engine.run_log import read_metrics  # noqa: E402
 from pipeline.engine.detection_task import detection_task  # noqa: E402
+from pipeline.engine.run_log import read_metrics  # noqa: E402
 from pipeline.engine.trainer import fit  # noqa: E402
+from pipeline.ray_env import ray_session  # noqa: E402
 
 
 def measure(root: Path, modality: str, workers: int, epochs: int, batch: int, loader_workers: int,
