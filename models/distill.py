@@ -1,5 +1,5 @@
-"""UniDistill's three distillation losses (spec §2), their optional adaptation layers, and the
-`distill` config with the paper's per-path defaults.
+"""UniDistill's three distillation losses (spec §2) and their optional adaptation layers (the
+`distill` config with the paper's per-path defaults is pipeline/engine/distill_config.py).
 
     feature  (L_Fea): student low  (-> adapter) vs teacher low,  L1 at 9 keypoints per GT box
     relation (L_Rel): student high (-> adapter) vs teacher high, L1 of 9x9 keypoint cosine relations
@@ -17,8 +17,7 @@ student, so an exported student is the plain detector.
 """
 from __future__ import annotations
 
-import copy
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +26,10 @@ from torch import Tensor, nn
 from models.bev_grid import BEVGrid
 from models.box_ops import bev_corners
 from models.classes import NUM_CLASSES, NUM_REGRESSION
+from models.gaussian_mask import box_gaussian_mask
 
 ReduceCount = Callable[[Tensor], Tensor]
+CHANNEL_KEYS = ("student_low", "student_high", "teacher_low", "teacher_high")
 
 # Keypoint order (spec §2.2): corners c0..c3 of the local offsets (-,-), (-,+), (+,+), (+,-) of
 # (dx/2, dy/2), the centre, then the midpoints of edges (0,1), (1,2), (2,3), (0,3).
@@ -112,61 +113,6 @@ def relation_distill_loss(student: Tensor, teacher: Tensor, valid: Tensor,
     return _box_mean(per_box, valid.bool(), reduce_count)
 
 
-def gaussian_radius(size: Tensor, min_overlap: float = 0.7) -> Tensor:
-    """CornerNet/CenterPoint Gaussian radius [...] (in cells, not rounded) of box sizes [..., 2] in cells.
-
-    The minimum of the three roots, in the (b + sqrt(disc)) / 2 form of the original code.
-    """
-    w, h = size[..., 0], size[..., 1]
-    o = min_overlap
-    b1, c1 = h + w, w * h * (1 - o) / (1 + o)
-    r1 = (b1 + torch.sqrt(b1 ** 2 - 4 * c1)) / 2
-    b2, c2 = 2 * (h + w), (1 - o) * w * h
-    r2 = (b2 + torch.sqrt(b2 ** 2 - 16 * c2)) / 2
-    a3, b3, c3 = 4 * o, -2 * o * (h + w), (o - 1) * w * h
-    r3 = (b3 + torch.sqrt(b3 ** 2 - 4 * a3 * c3)) / 2
-    return torch.minimum(torch.minimum(r1, r2), r3)
-
-
-@torch.no_grad()
-def box_gaussian_mask(gt_boxes: Tensor, gt_mask: Tensor, grid: BEVGrid, min_overlap: float = 0.7) -> Tensor:
-    """Class-agnostic CenterNet Gaussian mask [B, H, W] (float32) of the valid boxes (spec §2.5).
-
-    Per box: radius r = int(max(0, gaussian_radius(size in cells))) with no minimum; centre
-    cell (col, row) = int((x - x_min) / cell), int((y - y_min) / cell); a (2r+1)^2 Gaussian of
-    sigma (2r+1)/6 and peak 1 drawn at [row, col], merged by max (draw_umich_gaussian). Rows
-    with gt_mask False draw nothing; neither do boxes whose centre cell is off the map (floor,
-    so centres just below x_min are off too; the original's int() would put them in column 0).
-    Vectorised: one scatter per distinct radius.
-    """
-    b, m = gt_mask.shape
-    h, w = grid.H, grid.W
-    out = torch.zeros(b * h * w, dtype=torch.float32, device=gt_boxes.device)
-    boxes = gt_boxes.detach().double()  # float64 like the original's numpy, for the int() cuts
-    ok = gt_mask.bool() & torch.isfinite(boxes[..., :5]).all(dim=-1)
-    col = torch.floor((boxes[..., 0] - grid.x_min) / grid.cell)
-    row = torch.floor((boxes[..., 1] - grid.y_min) / grid.cell)
-    ok &= (col >= 0) & (col < w) & (row >= 0) & (row < h)
-    if not bool(ok.any()):
-        return out.view(b, h, w)
-    radius = torch.floor(gaussian_radius(boxes[..., 3:5].abs() / grid.cell, min_overlap).clamp(min=0))
-    bi = torch.arange(b, device=out.device)[:, None].expand(b, m)[ok]  # [P]
-    cols, rows, radii = col[ok].long(), row[ok].long(), radius[ok].long()
-    for r in torch.unique(radii).tolist():
-        sel = radii == r
-        k = min(r, max(h, w))  # cells farther than the map size are off the map anyway
-        off = torch.arange(-k, k + 1, device=out.device)
-        dy, dx = off[:, None], off[None, :]  # [K, 1], [1, K]
-        sigma = (2 * r + 1) / 6
-        gauss = torch.exp(-(dx * dx + dy * dy).double() / (2 * sigma * sigma)).float()  # [K, K]
-        rr = rows[sel][:, None, None] + dy  # [P_r, K, 1]
-        cc = cols[sel][:, None, None] + dx  # [P_r, 1, K]
-        inside = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)  # [P_r, K, K]
-        flat = (bi[sel][:, None, None] * h + rr) * w + cc
-        out.scatter_reduce_(0, flat[inside], gauss.expand_as(inside)[inside], reduce="amax", include_self=True)
-    return out.view(b, h, w)
-
-
 def response_distill_loss(student_heatmap: Tensor, student_regression: Tensor, teacher_heatmap: Tensor,
                           teacher_regression: Tensor, mask: Tensor, *, temperature: float = 2.0,
                           teacher_eps: float = 1e-4, student_eps: float = STUDENT_EPS,
@@ -230,129 +176,21 @@ class DistillAdaptation(nn.Module):
                 self.high(high) if self.high is not None and high is not None else high)
 
 
-# --- config --------------------------------------------------------------------------------------
-# The `distill` config section. null weights, teacher_eps and adaptation.enabled take the paper's
-# per-path defaults (resolve_distill_config); channels are filled from the two detectors.
-DEFAULT_DISTILL_CONFIG: dict[str, Any] = {
-    "feature": {"enabled": True, "weight": None},
-    "relation": {"enabled": True, "weight": None},
-    "response": {"enabled": True, "weight": None, "temperature": 2.0, "teacher_eps": None, "min_overlap": 0.7},
-    "keypoint_transpose": False,
-    "adaptation": {"enabled": None, "kernel_size": 1},
-    "channels": {"student_low": None, "student_high": None, "teacher_low": None, "teacher_high": None},
-}
-
-# (teacher modality, student modality) -> the released code's settings (spec §2.6, §2.7).
-PATH_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
-    ("lidar", "camera"): {"feature": 100.0, "relation": 40.0, "response": 10.0, "teacher_eps": 1e-4,
-                          "adaptation": False},
-    ("fusion", "camera"): {"feature": 10.0, "relation": 5.0, "response": 10.0, "teacher_eps": 1e-3,
-                           "adaptation": False},
-    ("camera", "lidar"): {"feature": 10.0, "relation": 5.0, "response": 1.0, "teacher_eps": 1e-4,
-                          "adaptation": True},
-    ("fusion", "lidar"): {"feature": 10.0, "relation": 1.0, "response": 10.0, "teacher_eps": 1e-4,
-                          "adaptation": False},
-}
-_GENERIC = {"teacher_eps": 1e-4, "adaptation": False}  # where no path is given
-
-
-def path_defaults(teacher_modality: str, student_modality: str) -> dict[str, Any]:
-    """The full distill config of a path with the paper's weights, teacher eps and adaptation."""
-    key = (teacher_modality, student_modality)
-    if key not in PATH_DEFAULTS:
-        known = ", ".join(f"{t}->{s}" for t, s in PATH_DEFAULTS)
-        raise ValueError(f"distill: no per-path defaults for {teacher_modality}->{student_modality} "
-                         f"(known paths: {known}); set distill.feature/relation/response.weight explicitly")
-    d = PATH_DEFAULTS[key]
-    cfg = copy.deepcopy(DEFAULT_DISTILL_CONFIG)
-    for name in ("feature", "relation", "response"):
-        cfg[name]["weight"] = d[name]
-    cfg["response"]["teacher_eps"] = d["teacher_eps"]
-    cfg["adaptation"]["enabled"] = d["adaptation"]
-    return cfg
-
-
-def _merge_known(base: dict[str, Any], over: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """`over` merged onto `base`; a key `base` lacks is an error naming its path (typos fail fast)."""
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if k not in out:
-            raise ValueError(f"distill config: unknown key {where}{k} (known: {sorted(out)})")
-        if isinstance(out[k], dict):
-            if not isinstance(v, Mapping):
-                raise ValueError(f"distill config: {where}{k} must be a mapping, got {v!r}")
-            out[k] = _merge_known(out[k], v, f"{where}{k}.")
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-def resolve_distill_config(cfg: Mapping[str, Any], teacher_modality: str | None = None,
-                           student_modality: str | None = None, *,
-                           student_channels: tuple[int, int] | None = None,
-                           teacher_channels: tuple[int, int] | None = None) -> dict[str, Any]:
-    """A complete distill config: `cfg` over the defaults, nulls filled from the path's defaults.
-
-    Explicit values in `cfg` win. Without a path (or for a path the paper has no settings for)
-    every weight must be set; teacher_eps then defaults to 1e-4 and adaptation to off.
-    student_channels / teacher_channels are (low, high) widths, e.g. from the detectors or the
-    cache fingerprint, and fill `channels` (explicit config values win there too).
-    """
-    out = _merge_known(DEFAULT_DISTILL_CONFIG, cfg, "distill.")
-    unset = [n for n in ("feature", "relation", "response") if out[n]["weight"] is None]
-    if teacher_modality is not None and student_modality is not None and (
-            unset or (teacher_modality, student_modality) in PATH_DEFAULTS):
-        path = path_defaults(teacher_modality, student_modality)
-    elif unset:
-        raise ValueError(f"distill config: {', '.join(f'distill.{n}.weight' for n in unset)} unset (null means "
-                         f"the path's default) and no distillation path given: call "
-                         f"resolve_distill_config(cfg, teacher_modality, student_modality) or set the weights")
-    else:
-        path = {"response": {"teacher_eps": _GENERIC["teacher_eps"]},
-                "adaptation": {"enabled": _GENERIC["adaptation"]}}
-    for name in unset:
-        out[name]["weight"] = path[name]["weight"]
-    if out["response"]["teacher_eps"] is None:
-        out["response"]["teacher_eps"] = path["response"]["teacher_eps"]
-    if out["adaptation"]["enabled"] is None:
-        out["adaptation"]["enabled"] = path["adaptation"]["enabled"]
-    ch = out["channels"]
-    for prefix, widths in (("student", student_channels), ("teacher", teacher_channels)):
-        if widths is not None:
-            for level, n in zip(("low", "high"), widths):
-                if ch[f"{prefix}_{level}"] is None:
-                    ch[f"{prefix}_{level}"] = int(n)
-    _validate(out)
-    return out
-
-
-def _validate(cfg: Mapping[str, Any]) -> None:
-    for name in ("feature", "relation", "response"):
-        w = cfg[name]["weight"]
-        if not isinstance(w, (int, float)) or w < 0:
-            raise ValueError(f"distill.{name}.weight must be a number >= 0, got {w!r}")
-    r = cfg["response"]
-    if not r["temperature"] > 0:
-        raise ValueError(f"distill.response.temperature must be > 0, got {r['temperature']}")
-    if not 0 <= r["teacher_eps"] < 0.5:
-        raise ValueError(f"distill.response.teacher_eps must be in [0, 0.5), got {r['teacher_eps']}")
-    if not 0 < r["min_overlap"] < 1:
-        raise ValueError(f"distill.response.min_overlap must be in (0, 1), got {r['min_overlap']}")
-    if cfg["adaptation"]["kernel_size"] not in (1, 3):
-        raise ValueError(f"distill.adaptation.kernel_size must be 1 or 3, got {cfg['adaptation']['kernel_size']}")
-
-
 # --- the loss module -----------------------------------------------------------------------------
 class UniDistillLoss(nn.Module):
     """UniDistill's distillation losses between a student's and a teacher's detector outputs.
 
     Args:
         grid: the BEV grid of both detectors' maps.
-        cfg: a `distill` config section; it is resolved with `resolve_distill_config` (no path),
-            so per-path nulls must already be filled.
-    Holds the adaptation layers when `adaptation.enabled` (one per enabled feature/relation
-    loss; `channels` must then give all four widths): put this module's parameters in the
-    optimiser next to the student's.
+        feature_weight, relation_weight, response_weight: each loss's weight (0: off, reads no maps).
+        temperature, teacher_eps, min_overlap: the response loss's teacher temperature, clamp of
+            the teacher's probabilities and Gaussian-mask overlap.
+        keypoint_transpose: sample keypoints mirrored across the diagonal like the original (spec §2.2).
+        adaptation, adaptation_kernel_size: the adaptation layers (one per enabled feature/relation
+            loss; `channels` must then give all four widths): put this module's parameters in the
+            optimiser next to the student's.
+        channels: {student_low, student_high, teacher_low, teacher_high} widths; given ones are checked.
+    pipeline.engine.distill_config.build_distill_loss builds one from a `distill` config section.
 
     forward(student_out, teacher_out, gt_boxes [B, M, 9], gt_mask [B, M], reduce_count=None)
     returns scalars {feature, relation, response_cls, response_reg, distill = their sum}, each
@@ -362,16 +200,23 @@ class UniDistillLoss(nn.Module):
     worker should divide by (pipeline.engine.comm.mean_over_workers under DDP).
     """
 
-    def __init__(self, grid: BEVGrid, cfg: Mapping[str, Any]) -> None:
+    def __init__(self, grid: BEVGrid, *, feature_weight: float, relation_weight: float, response_weight: float,
+                 temperature: float = 2.0, teacher_eps: float = 1e-4, min_overlap: float = 0.7,
+                 keypoint_transpose: bool = False, adaptation: bool = False, adaptation_kernel_size: int = 1,
+                 channels: Mapping[str, int | None] | None = None) -> None:
         super().__init__()
         self.grid = grid
-        self.cfg = resolve_distill_config(cfg)
-        c = self.cfg
-        self.weights = {name: float(c[name]["weight"]) if c[name]["enabled"] else 0.0
-                        for name in ("feature", "relation", "response")}
+        self.weights = {"feature": float(feature_weight), "relation": float(relation_weight),
+                        "response": float(response_weight)}
+        bad = {k: v for k, v in self.weights.items() if not v >= 0}
+        if bad:
+            raise ValueError(f"UniDistillLoss: weights must be >= 0, got {bad}")
+        self.temperature, self.teacher_eps, self.min_overlap = float(temperature), float(teacher_eps), float(min_overlap)
+        self.keypoint_transpose = bool(keypoint_transpose)
+        self.channels = {k: None for k in CHANNEL_KEYS} | dict(channels or {})
         self.adaptation: DistillAdaptation | None = None
-        if c["adaptation"]["enabled"] and (self.weights["feature"] > 0 or self.weights["relation"] > 0):
-            ch = c["channels"]
+        if adaptation and (self.weights["feature"] > 0 or self.weights["relation"] > 0):
+            ch = self.channels
             need = [f"{p}_{lv}" for lv, name in (("low", "feature"), ("high", "relation"))
                     if self.weights[name] > 0 for p in ("student", "teacher") if ch[f"{p}_{lv}"] is None]
             if need:
@@ -383,7 +228,7 @@ class UniDistillLoss(nn.Module):
             self.adaptation = DistillAdaptation(ch["student_low"] if low else None, ch["teacher_low"] if low else None,
                                                 ch["student_high"] if high else None,
                                                 ch["teacher_high"] if high else None,
-                                                kernel_size=c["adaptation"]["kernel_size"])
+                                                kernel_size=adaptation_kernel_size)
 
     def forward(self, student_out: Mapping[str, Tensor], teacher_out: Mapping[str, Tensor], gt_boxes: Tensor,
                 gt_mask: Tensor, reduce_count: ReduceCount | None = None) -> dict[str, Tensor]:
@@ -393,7 +238,7 @@ class UniDistillLoss(nn.Module):
         zero = torch.zeros((), device=gt_boxes.device)
         valid = gt_mask.bool()
         losses = {"feature": zero, "relation": zero, "response_cls": zero, "response_reg": zero}
-        transpose = bool(self.cfg["keypoint_transpose"])
+        transpose = self.keypoint_transpose
         keypoints = box_keypoints(gt_boxes.float()) if self.weights["feature"] or self.weights["relation"] else None
 
         for name, level, loss_fn in (("feature", "low", feature_distill_loss),
@@ -418,11 +263,10 @@ class UniDistillLoss(nn.Module):
             maps = {f"{who}_{k}": self._map(out, k, who, b, channels)
                     for who, out in (("student", student_out), ("teacher", teacher_out))
                     for k, channels in (("heatmap", NUM_CLASSES), ("regression", NUM_REGRESSION))}
-            r = self.cfg["response"]
-            mask = box_gaussian_mask(gt_boxes, valid, self.grid, r["min_overlap"])  # [B, H, W]
+            mask = box_gaussian_mask(gt_boxes, valid, self.grid, self.min_overlap)  # [B, H, W]
             cls, reg = response_distill_loss(maps["student_heatmap"], maps["student_regression"],
                                              maps["teacher_heatmap"], maps["teacher_regression"], mask,
-                                             temperature=r["temperature"], teacher_eps=r["teacher_eps"],
+                                             temperature=self.temperature, teacher_eps=self.teacher_eps,
                                              reduce_count=reduce_count)
             losses["response_cls"] = self.weights["response"] * cls
             losses["response_reg"] = self.weights["response"] * reg
@@ -437,7 +281,7 @@ class UniDistillLoss(nn.Module):
                            f"(got keys {sorted(k for k, v in out.items() if v is not None)})")
         t = out[key]
         if channels is None and key in ("low", "high"):
-            channels = self.cfg["channels"][f"{who}_{key}"]
+            channels = self.channels[f"{who}_{key}"]
         ok = t.dim() == 4 and t.shape[0] == batch and tuple(t.shape[2:]) == (self.grid.H, self.grid.W)
         if not ok or (channels is not None and t.shape[1] != channels):
             want = f"[{batch}, {channels if channels is not None else 'C'}, {self.grid.H}, {self.grid.W}]"

@@ -20,13 +20,23 @@ class ConfigError(ValueError):
     """A config file or override is malformed; the message names the file or key."""
 
 
-def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
+def merge(base: Mapping[str, Any], over: Mapping[str, Any], known_only: str | None = None) -> dict[str, Any]:
+    """`over` merged recursively onto a copy of `base`.
+
+    With `known_only` (the section's dotted prefix, e.g. "distill."), a key `base` lacks, or a
+    scalar given for a mapping, is a ConfigError naming its path (typos fail fast).
+    """
+    out = copy.deepcopy(dict(base))
     for k, v in over.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
+        if known_only is not None and k not in out:
+            raise ConfigError(f"config: unknown key {known_only}{k} (known: {sorted(out)})")
+        if isinstance(out.get(k), dict):
+            if isinstance(v, Mapping):
+                out[k] = merge(out[k], v, None if known_only is None else f"{known_only}{k}.")
+                continue
+            if known_only is not None:
+                raise ConfigError(f"config: {known_only}{k} must be a mapping, got {v!r}")
+        out[k] = copy.deepcopy(v)
     return out
 
 
@@ -65,7 +75,7 @@ def _load_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if base_name is None:
         return data
     base = _load_with_bases((path.parent / base_name), seen + (path,))
-    return _merge(base, data)
+    return merge(base, data)
 
 
 def apply_overrides(cfg: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
@@ -100,11 +110,16 @@ def save_config(cfg: Mapping[str, Any], path: str | Path) -> Path:
     return p
 
 
-def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested mappings (e.g. two resolved configs)."""
+def diff_keys(a: Any, b: Any, under: Iterable[str] | None = None, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested mappings (two resolved configs, two
+    cache fingerprints), only those at or below the dotted keys `under` when given."""
     if isinstance(a, Mapping) and isinstance(b, Mapping):
         out = []
         for key in sorted(set(a) | set(b), key=str):
-            out += diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")
-        return out
-    return [] if a == b else [prefix.rstrip(".")]
+            out += diff_keys(a.get(key), b.get(key), None, f"{prefix}{key}.")
+    else:
+        out = [] if a == b else [prefix.rstrip(".")]
+    if under is not None:
+        keys = tuple(under)
+        out = [f for f in out if any(f == k or f.startswith(k + ".") for k in keys)]
+    return out

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from models.bev_grid import BEVGrid
-from models.distill import UniDistillLoss, resolve_distill_config
 from pipeline.cache import inspection
 from pipeline.cache import store
 from pipeline.cache.reader import CacheReader
@@ -22,6 +21,7 @@ from pipeline.cache.schema import CacheError, CacheLayout, CacheMismatchError
 from pipeline.cache.views import view_matrix
 from pipeline.cache.writer import build_cache, write_one_shard
 from pipeline.data.collate import collate
+from pipeline.engine.distill_config import build_distill_loss, resolve_distill_config
 from pipeline.evaluation.inference import eval_dataset
 from pipeline.model_files import load_detector
 
@@ -197,7 +197,7 @@ def test_foreground_storage_gives_the_same_losses_with_fewer_bytes(caches, tiny_
     _, cfg = load_detector(tiny_teacher)
     grid = BEVGrid.from_config(cfg["grid"])
     dcfg = resolve_distill_config({}, "lidar", "camera", student_channels=(64, 128), teacher_channels=(64, 128))
-    loss = UniDistillLoss(grid, dcfg)
+    loss = build_distill_loss(grid, dcfg)
     torch.manual_seed(1)
     tokens = list(rd.row_of)
     for item in range(len(tokens)):
@@ -237,9 +237,11 @@ def test_killed_job_resumes_without_rewriting_finished_shards(ray_cluster, tiny_
         if markers:
             break
         time.sleep(0.2)
+    exited = proc.poll()
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     before = store.read_markers(str(uri))
+    assert exited is None, f"the stage ended by itself (status {exited}) before any shard: {proc.stdout.read()[-3000:]}"
     assert 1 <= len(before) < 6, f"the job should be cut off part-way ({len(before)} shards were done)"
     with pytest.raises(CacheError, match="incomplete"):
         CacheReader(str(uri))

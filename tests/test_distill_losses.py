@@ -11,10 +11,12 @@ import torch
 
 from models.bev_grid import BEVGrid
 from models.classes import NUM_CLASSES, NUM_REGRESSION
-from models.distill import (DEFAULT_DISTILL_CONFIG, PATH_DEFAULTS, DistillAdaptation, UniDistillLoss,
-                            box_gaussian_mask, box_keypoints, feature_distill_loss, gaussian_radius,
-                            path_defaults, relation_distill_loss, relation_matrix, resolve_distill_config,
-                            response_distill_loss, sample_at_keypoints)
+from models.distill import (DistillAdaptation, UniDistillLoss, box_keypoints, feature_distill_loss,
+                            relation_distill_loss, relation_matrix, response_distill_loss, sample_at_keypoints)
+from models.gaussian_mask import box_gaussian_mask, gaussian_radius
+from pipeline.config import ConfigError
+from pipeline.engine.distill_config import (DEFAULT_DISTILL_CONFIG, PATH_DEFAULTS, build_distill_loss, path_defaults,
+                                            resolve_distill_config)
 
 # The paper's grid: +-54 m, 180 x 180 cells of 0.6 m.
 PAPER = BEVGrid((-54.0, -54.0, -5.0, 54.0, 54.0, 3.0), (0.075, 0.075, 0.2), 8)
@@ -251,13 +253,13 @@ def test_losses_zero_when_student_equals_teacher():
     student = outputs(2, 8, 16, SMALL)
     teacher = {k: v.clone() for k, v in student.items()}
     teacher["heatmap"] = student["heatmap"] * 2.0  # logits / T == student logits
-    losses = UniDistillLoss(SMALL, cfg_with())(student, teacher, boxes, valid)
+    losses = build_distill_loss(SMALL, cfg_with())(student, teacher, boxes, valid)
     assert set(losses) == {"feature", "relation", "response_cls", "response_reg", "distill"}
     for name, value in losses.items():
         assert value.dim() == 0 and value.abs().item() < 1e-6, (name, value)
     # Not zero otherwise (the test can fail).
     other = outputs(2, 8, 16, SMALL, seed=5)
-    losses = UniDistillLoss(SMALL, cfg_with())(student, other, boxes, valid)
+    losses = build_distill_loss(SMALL, cfg_with())(student, other, boxes, valid)
     assert all(losses[k] > 1e-3 for k in ("feature", "relation", "response_cls", "response_reg"))
 
 
@@ -282,7 +284,7 @@ def test_feature_loss_hand_computed():
     assert got.item() == pytest.approx((2 * l0 + l1) / (6 + 1e-4), rel=1e-6)
     # And through UniDistillLoss, weighted.
     cfg = cfg_with(feature__weight=7.0, relation__weight=0.0, response__weight=0.0)
-    out = UniDistillLoss(SMALL, cfg)({"low": s, "high": s, "heatmap": None, "regression": None},
+    out = build_distill_loss(SMALL, cfg)({"low": s, "high": s, "heatmap": None, "regression": None},
                                      {"low": t, "high": t, "heatmap": None, "regression": None}, boxes, valid)
     assert out["feature"].item() == pytest.approx(7 * expect, rel=1e-6)
     assert out["distill"].item() == pytest.approx(7 * expect, rel=1e-6)
@@ -306,7 +308,7 @@ def test_relation_loss_hand_computed():
     expect = (2 * 3 * 6 / 81) * same / (1 + 1e-4)
     assert relation_distill_loss(ss, tt, valid).item() == pytest.approx(expect, rel=1e-6)
     cfg = cfg_with(feature__weight=0.0, relation__weight=3.0, response__weight=0.0)
-    out = UniDistillLoss(SMALL, cfg)({"low": s, "high": s}, {"low": t, "high": t}, boxes, valid)
+    out = build_distill_loss(SMALL, cfg)({"low": s, "high": s}, {"low": t, "high": t}, boxes, valid)
     assert out["relation"].item() == pytest.approx(3 * expect, rel=1e-6)
 
 
@@ -347,7 +349,7 @@ def test_response_loss_hand_computed():
     assert reg.item() == pytest.approx(total / (4 * total + 1e-4), rel=1e-5)
     # Through UniDistillLoss, weighted (one weight for both parts).
     cfg = cfg_with(feature__weight=0.0, relation__weight=0.0, response__weight=10.0)
-    out = UniDistillLoss(PAPER, cfg)({"heatmap": z, "regression": torch.zeros(1, 66, 180, 180)},
+    out = build_distill_loss(PAPER, cfg)({"heatmap": z, "regression": torch.zeros(1, 66, 180, 180)},
                                      {"heatmap": t, "regression": torch.ones(1, 66, 180, 180)}, car,
                                      torch.tensor([[True]]))
     assert out["response_cls"].item() == pytest.approx(10 * 0.25 * total / (total + 1e-4), rel=1e-5)
@@ -362,9 +364,9 @@ def test_keypoint_transpose_flag_in_loss():
     valid = torch.tensor([[True]])
     s, t = index_map(SMALL), torch.zeros(1, 1, 8, 8)
     cfg = cfg_with(relation__weight=0.0, response__weight=0.0)
-    straight = UniDistillLoss(SMALL, cfg)({"low": s}, {"low": t}, boxes, valid)["feature"]
+    straight = build_distill_loss(SMALL, cfg)({"low": s}, {"low": t}, boxes, valid)["feature"]
     cfg["keypoint_transpose"] = True
-    swapped = UniDistillLoss(SMALL, cfg)({"low": s}, {"low": t}, boxes, valid)["feature"]
+    swapped = build_distill_loss(SMALL, cfg)({"low": s}, {"low": t}, boxes, valid)["feature"]
     cells = [(4, 0), (4, 2), (6, 2), (6, 0), (5, 1), (4, 1), (5, 2), (6, 1), (5, 0)]
     assert straight.item() == pytest.approx(np.mean([c * 1000 + r for c, r in cells]) / (1 + 1e-4))
     assert swapped.item() == pytest.approx(np.mean([r * 1000 + c for c, r in cells]) / (1 + 1e-4))
@@ -377,7 +379,7 @@ def test_gradients_reach_student_and_adaptation_not_teacher():
     teacher = outputs(2, 8, 12, SMALL, seed=1, requires_grad=True)
     cfg = cfg_with(adaptation={"enabled": True, "kernel_size": 1},
                    channels={"student_low": 6, "student_high": 10, "teacher_low": 8, "teacher_high": 12})
-    loss_fn = UniDistillLoss(SMALL, cfg)
+    loss_fn = build_distill_loss(SMALL, cfg)
     losses = loss_fn(student, teacher, boxes, valid)
     losses["distill"].backward()
     for name, t in student.items():
@@ -394,7 +396,7 @@ def test_gradients_reach_student_and_adaptation_not_teacher():
 def test_no_boxes_gives_zero_losses_with_a_graph():
     student = outputs(2, 4, 4, SMALL, requires_grad=True)
     teacher = outputs(2, 4, 4, SMALL, seed=1)
-    losses = UniDistillLoss(SMALL, cfg_with())(student, teacher, torch.zeros(2, 0, 9),
+    losses = build_distill_loss(SMALL, cfg_with())(student, teacher, torch.zeros(2, 0, 9),
                                                torch.zeros(2, 0, dtype=torch.bool))
     assert all(v.item() == 0 for v in losses.values())
     losses["distill"].backward()  # every enabled part stays connected to the student (DDP-safe)
@@ -406,8 +408,8 @@ def test_weights_and_switches():
     boxes, valid = some_boxes()
     student = outputs(2, 4, 4, SMALL, requires_grad=True)
     teacher = outputs(2, 4, 4, SMALL, seed=1)
-    base = UniDistillLoss(SMALL, cfg_with())(student, teacher, boxes, valid)
-    scaled = UniDistillLoss(SMALL, cfg_with(feature__weight=2.0, relation__weight=3.0,
+    base = build_distill_loss(SMALL, cfg_with())(student, teacher, boxes, valid)
+    scaled = build_distill_loss(SMALL, cfg_with(feature__weight=2.0, relation__weight=3.0,
                                             response__weight=0.5))(student, teacher, boxes, valid)
     torch.testing.assert_close(scaled["feature"], 2 * base["feature"])
     torch.testing.assert_close(scaled["relation"], 3 * base["relation"])
@@ -418,18 +420,18 @@ def test_weights_and_switches():
     # Off by weight 0 or by enabled: false; an off loss is 0 and does not touch its inputs.
     for off in (cfg_with(feature__weight=0.0), cfg_with(feature__enabled=False)):
         student["low"].grad = None
-        out = UniDistillLoss(SMALL, off)(student, teacher, boxes, valid)
+        out = build_distill_loss(SMALL, off)(student, teacher, boxes, valid)
         assert out["feature"].item() == 0
         torch.testing.assert_close(out["relation"], base["relation"])
         out["distill"].backward()
         assert student["low"].grad is None
-    out = UniDistillLoss(SMALL, cfg_with(relation__enabled=False, response__enabled=False))(
+    out = build_distill_loss(SMALL, cfg_with(relation__enabled=False, response__enabled=False))(
         {"low": student["low"]}, {"low": teacher["low"]}, boxes, valid)
     assert out["relation"].item() == 0 and out["response_cls"].item() == 0 and out["response_reg"].item() == 0
     torch.testing.assert_close(out["distill"], base["feature"])
     # Disabling a loss needs no maps for it; an enabled one names the missing map.
     with pytest.raises(KeyError, match="high"):
-        UniDistillLoss(SMALL, cfg_with(response__enabled=False))({"low": student["low"]},
+        build_distill_loss(SMALL, cfg_with(response__enabled=False))({"low": student["low"]},
                                                                 {"low": teacher["low"]}, boxes, valid)
 
 
@@ -438,13 +440,13 @@ def test_channel_mismatch_error_and_adaptation():
     student = outputs(2, 6, 10, SMALL)
     teacher = outputs(2, 8, 10, SMALL, seed=1)
     with pytest.raises(ValueError, match=r"6.*8|8.*6"):
-        UniDistillLoss(SMALL, cfg_with())(student, teacher, boxes, valid)
+        build_distill_loss(SMALL, cfg_with())(student, teacher, boxes, valid)
     # Adaptation on without channel counts: a clear error at construction.
     with pytest.raises(ValueError, match="channels"):
-        UniDistillLoss(SMALL, cfg_with(adaptation={"enabled": True, "kernel_size": 1}))
+        build_distill_loss(SMALL, cfg_with(adaptation={"enabled": True, "kernel_size": 1}))
     channels = {"student_low": 6, "student_high": 10, "teacher_low": 8, "teacher_high": 10}
     for k in (1, 3):
-        loss_fn = UniDistillLoss(SMALL, cfg_with(adaptation={"enabled": True, "kernel_size": k}, channels=channels))
+        loss_fn = build_distill_loss(SMALL, cfg_with(adaptation={"enabled": True, "kernel_size": k}, channels=channels))
         assert isinstance(loss_fn.adaptation, DistillAdaptation)
         assert loss_fn.adaptation.low.kernel_size == (k, k)
         out = loss_fn(student, teacher, boxes, valid)
@@ -453,10 +455,10 @@ def test_channel_mismatch_error_and_adaptation():
     with pytest.raises(ValueError, match="7"):
         loss_fn(outputs(2, 7, 10, SMALL), teacher, boxes, valid)
     with pytest.raises(ValueError, match="kernel_size"):
-        UniDistillLoss(SMALL, cfg_with(adaptation={"enabled": True, "kernel_size": 2}, channels=channels))
+        build_distill_loss(SMALL, cfg_with(adaptation={"enabled": True, "kernel_size": 2}, channels=channels))
     # Maps must be on the loss's grid.
     with pytest.raises(ValueError, match="8, 8"):
-        UniDistillLoss(SMALL, cfg_with())(outputs(2, 6, 10, WIDE), outputs(2, 6, 10, WIDE), boxes, valid)
+        build_distill_loss(SMALL, cfg_with())(outputs(2, 6, 10, WIDE), outputs(2, 6, 10, WIDE), boxes, valid)
 
 
 def test_adaptation_identity_init_and_only_enabled_parts():
@@ -467,10 +469,10 @@ def test_adaptation_identity_init_and_only_enabled_parts():
     # Only the adapters of enabled losses exist (an unused parameter would break DDP).
     cfg = cfg_with(relation__weight=0.0, adaptation={"enabled": True, "kernel_size": 1},
                    channels={"student_low": 4, "student_high": 4, "teacher_low": 4, "teacher_high": 4})
-    loss_fn = UniDistillLoss(SMALL, cfg)
+    loss_fn = build_distill_loss(SMALL, cfg)
     assert loss_fn.adaptation.low is not None and loss_fn.adaptation.high is None
     # Without adaptation the loss has no parameters: the exported student stays the plain detector.
-    assert list(UniDistillLoss(SMALL, cfg_with()).parameters()) == []
+    assert list(build_distill_loss(SMALL, cfg_with()).parameters()) == []
 
 
 def test_path_defaults_and_config_resolution():
@@ -493,10 +495,27 @@ def test_path_defaults_and_config_resolution():
         resolve_distill_config(DEFAULT_DISTILL_CONFIG, "lidar", "fusion")
     # Unresolved weights and unknown keys are refused by the loss.
     with pytest.raises(ValueError, match="resolve_distill_config"):
-        UniDistillLoss(SMALL, DEFAULT_DISTILL_CONFIG)
+        build_distill_loss(SMALL, DEFAULT_DISTILL_CONFIG)
     with pytest.raises(ValueError, match="tempreature"):
         resolve_distill_config({"response": {"tempreature": 3.0}}, "lidar", "camera")
 
+    with pytest.raises(ConfigError, match=r"distill\.response must be a mapping"):
+        resolve_distill_config({"response": 3.0}, "lidar", "camera")
+
+
+def test_loss_from_explicit_arguments_equals_the_built_one():
+    # The constructor takes plain arguments (models/ knows no config); the builder maps a section onto them.
+    boxes, valid = some_boxes()
+    student, teacher = outputs(2, 4, 6, SMALL), outputs(2, 4, 6, SMALL, seed=1)
+    cfg = cfg_with(feature__weight=2.0, relation__weight=3.0, response__weight=4.0)
+    built = build_distill_loss(SMALL, cfg)(student, teacher, boxes, valid)
+    plain = UniDistillLoss(SMALL, feature_weight=2.0, relation_weight=3.0, response_weight=4.0,
+                           temperature=cfg["response"]["temperature"], teacher_eps=cfg["response"]["teacher_eps"])
+    direct = plain(student, teacher, boxes, valid)
+    assert set(built) == set(direct) and all(torch.equal(built[k], direct[k]) for k in built)
+    assert float(direct["feature"]) > 0 and float(direct["response_cls"]) > 0
+    with pytest.raises(ValueError, match="weights must be >= 0"):
+        UniDistillLoss(SMALL, feature_weight=-1.0, relation_weight=0.0, response_weight=0.0)
 
 # --- (h) float16 teacher ----------------------------------------------------------------------------
 def test_float16_teacher_inputs():
@@ -504,7 +523,7 @@ def test_float16_teacher_inputs():
     student = outputs(2, 4, 6, SMALL, requires_grad=True)
     teacher16 = {k: v.half() for k, v in outputs(2, 4, 6, SMALL, seed=1).items()}
     teacher32 = {k: v.float() for k, v in teacher16.items()}
-    loss_fn = UniDistillLoss(SMALL, cfg_with())
+    loss_fn = build_distill_loss(SMALL, cfg_with())
     a, b = loss_fn(student, teacher16, boxes, valid), loss_fn(student, teacher32, boxes, valid)
     for name in a:
         assert a[name].dtype == torch.float32

@@ -35,6 +35,7 @@ from models.distill import UniDistillLoss, box_keypoints, sample_at_keypoints
 from pipeline.config import load_config
 from pipeline.data.collate import collate
 from pipeline.data.dataset import DetectionDataset
+from pipeline.engine.distill_config import build_distill_loss
 from pipeline.engine.distill_task import DistillLosses, collate_with_teacher, distill_settings
 from pipeline.engine.optim import build_optimizer, clip_gradients
 from tests.conftest import deterministic_torch
@@ -83,7 +84,7 @@ def train_student(student: BEVDetector, cfg: Mapping[str, Any], settings: Mappin
                   batches: list[dict[str, Any]]) -> None:
     """STUDENT_STEPS over `batches` in order: detection loss only (settings None), or detection +
     UniDistill losses through distill_task's DistillLosses (cached-teacher path: batch["teacher"])."""
-    extra = nn.ModuleDict({"distill": UniDistillLoss(student.grid, settings)}) if settings is not None else nn.ModuleDict()
+    extra = nn.ModuleDict({"distill": build_distill_loss(student.grid, settings)}) if settings is not None else nn.ModuleDict()
     losses = DistillLosses(student.grid, None, warp=False)
     tr = cfg["train"]
     opt = build_optimizer(list(student.parameters()) + list(extra.parameters()), tr, float(tr["lr"]))
@@ -164,7 +165,7 @@ def teach(dataroot: Path, index_dir: Path, seed: int, disable: Sequence[str] = (
         settings = distill_settings(student_cfg, teacher.modality, student,
                                     (teacher.low_channels, teacher.high_channels))
         assert [settings[k]["weight"] for k in ("feature", "relation", "response")] == [100.0, 40.0, 10.0]
-        measure = UniDistillLoss(student.grid, settings)
+        measure = build_distill_loss(student.grid, settings)
         before = distances(copy.deepcopy(student), measure, batches, teacher_maps)
         baseline, distilled = copy.deepcopy(student), copy.deepcopy(student)
         train_student(baseline, student_cfg, None, batches)

@@ -14,7 +14,6 @@ from pyquaternion import Quaternion
 
 from models.classes import CLASS_INDEX, NUM_CLASSES
 from pipeline.config import load_config
-from pipeline.data import index as index_mod
 from pipeline.data import nusc_db
 from pipeline.data.collate import collate
 from pipeline.data.dataset import DetectionDataset, boxes_in_range, cbgs_indices

@@ -15,7 +15,6 @@ import torch
 from models.bev_grid import BEVGrid
 from models.center_head import ideal_outputs
 from models.detector import build_detector
-from models.distill import UniDistillLoss
 from pipeline.cache import store
 from pipeline.cache.reader import CacheReader
 from pipeline.cache.schema import CacheError, CacheMismatchError
@@ -25,6 +24,7 @@ from pipeline.data import augment
 from pipeline.data.collate import collate
 from pipeline.data.dataset import DetectionDataset
 from pipeline.data.index import load_index
+from pipeline.engine.distill_config import build_distill_loss
 from pipeline.engine.distill_task import (DistillDataset, DistillLosses, collate_with_teacher, plan_student,
                                    resolve_view_policy)
 from pipeline.model_files import load_detector
@@ -95,7 +95,7 @@ def test_cached_losses_equal_online_losses_on_identical_batches(caches, tiny_tea
     base = DetectionDataset(nusc_root, VERSION, SPLIT, cfg, train=True, seed=3, with_images=True)
     cached = DistillDataset(base, reader, policy)
     loop, _ = plan_student(cfg, VERSION, SPLIT, split_tokens(nusc_root), cache=str(caches[name][0]))
-    kd = torch.nn.ModuleDict({"distill": UniDistillLoss(student.grid, loop["distill"])})
+    kd = torch.nn.ModuleDict({"distill": build_distill_loss(student.grid, loop["distill"])})
     views_seen = set()
     for epoch in (0, 1):
         cached.set_epoch(epoch)

@@ -15,7 +15,8 @@ import torch
 from zarr.core.sync import sync as zarr_sync  # what zarr's own synchronous API runs coroutines with
 
 from pipeline.cache import store
-from pipeline.cache.schema import MAP_NAMES, CacheError, CacheLayout, CacheMismatchError, differing_fields
+from pipeline.cache.schema import MAP_NAMES, CacheError, CacheLayout, CacheMismatchError
+from pipeline.config import diff_keys
 
 # Fingerprint fields a student's own model must agree with.
 STUDENT_MUST_MATCH = ("grid", "class_order", "channels.heatmap", "channels.regression")
@@ -56,7 +57,7 @@ class CacheReader:
 
     def check_compatible(self, expected: Mapping[str, Any], keys: Sequence[str] = STUDENT_MUST_MATCH) -> None:
         """Raise CacheMismatchError naming every field under `keys` that differs from `expected`."""
-        differ = differing_fields(self.fingerprint, expected, tuple(keys))
+        differ = diff_keys(self.fingerprint, expected, tuple(keys))
         if differ:
             have = {f: self._field(self.fingerprint, f) for f in differ}
             want = {f: self._field(expected, f) for f in differ}

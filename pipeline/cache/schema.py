@@ -67,25 +67,6 @@ def fingerprint_hash(fingerprint: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    """{'a.b': value} view of a nested mapping (lists stay values)."""
-    if not isinstance(d, Mapping):
-        return {prefix.rstrip("."): d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(flatten(v, f"{prefix}{k}."))
-    return out
-
-
-def differing_fields(have: Mapping[str, Any], want: Mapping[str, Any], keys: tuple[str, ...] | None = None) -> list[str]:
-    """Dotted fields that differ between two fingerprints (only under `keys` when given)."""
-    a, b = flatten(have), flatten(want)
-    fields = sorted(set(a) | set(b))
-    if keys is not None:
-        fields = [f for f in fields if any(f == k or f.startswith(k + ".") for k in keys)]
-    return [f for f in fields if a.get(f) != b.get(f)]
-
-
 @dataclass(frozen=True)
 class CacheLayout:
     """Sizes of a cache's arrays: N samples x K views, shards of S samples, square tiles."""

@@ -15,7 +15,7 @@ import torch
 
 from models.bev_grid import BEVGrid
 from models.box_ops import bev_corners
-from models.distill import gaussian_radius
+from models.gaussian_mask import gaussian_radius
 from pipeline.data import augment
 
 # Cells kept beyond a box's footprint in `foreground` storage: bilinear neighbours of keypoints

@@ -47,8 +47,9 @@ from models.bev_grid import BEVGrid
 from models.classes import CLASS_NAMES
 from pipeline.cache import store
 from pipeline.cache.schema import (DTYPES, SCHEMA_VERSION, STORAGE_MODES, CacheError, CacheLayout,
-                                   CacheMismatchError, channel_layout, differing_fields, map_channels)
+                                   CacheMismatchError, channel_layout, map_channels)
 from pipeline.cache.views import foreground_tiles, tile_mask, view_matrices
+from pipeline.config import diff_keys
 from pipeline.data import nusc_db
 from pipeline.data.collate import collate
 from pipeline.data.dataset import DetectionDataset, augment_bev, index_sweeps
@@ -342,7 +343,7 @@ def plan_cache(teacher_path: str, dataroot: str, version: str, split: str, uri: 
         have = existing_fingerprint(uri) if tile is None else None
     except OSError:  # unreachable storage: prepare_store reports it
         have = None
-    if have is not None and differing_fields(have, fingerprint) == ["layout.tile"]:
+    if have is not None and diff_keys(have, fingerprint) == ["layout.tile"]:
         layout = replace(layout, tile=int(have["layout"]["tile"]))
         fingerprint = {**fingerprint, "layout": {**fingerprint["layout"], "tile": layout.tile}}
     teacher_path = teacher_path if is_url(teacher_path) else str(Path(teacher_path).resolve())
@@ -365,7 +366,7 @@ def prepare_store(job: CacheJob, fingerprint: Mapping[str, Any], compressor_name
     """Create the cache, or check an existing one; return the shards already durable."""
     have = existing_fingerprint(job.uri)
     if have is not None:
-        differ = differing_fields(have, fingerprint)
+        differ = diff_keys(have, fingerprint)
         if not differ:
             return set(store.read_markers(job.uri))
         if not overwrite:

@@ -21,16 +21,16 @@ from torch.utils.data import Dataset, default_collate
 from models.bev_grid import BEVGrid
 from models.classes import CLASS_NAMES
 from models.detector import BEVDetector, build_detector
-from models.distill import UniDistillLoss, resolve_distill_config
 from pipeline.cache.reader import CacheReader, loader_worker_init
-from pipeline.cache.schema import CacheError, CacheMismatchError, channel_layout, differing_fields
+from pipeline.cache.schema import CacheError, CacheMismatchError, channel_layout
 from pipeline.cache.warp import warp_teacher_maps
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, diff_keys
 from pipeline.data.collate import collate
 from pipeline.data.dataset import DetectionDataset, view_rng
 from pipeline.data.loading import sweep_padding
 from pipeline.data.sample import Sample
 from pipeline.engine.comm import mean_over_workers
+from pipeline.engine.distill_config import build_distill_loss, resolve_distill_config
 from pipeline.engine.train_loop import TrainTask, unwrap
 from pipeline.model_files import load_detector, read_model_file
 
@@ -96,7 +96,7 @@ def check_online_teacher(teacher_cfg: Mapping[str, Any], student_cfg: Mapping[st
         return {"grid": cfg["grid"], "data": {**{k: cfg["data"][k] for k in SHARED_INPUTS},
                                               "lidar_sweep_padding": sweep_padding(cfg["data"])}}
 
-    differ = differing_fields(inputs(teacher_cfg), inputs(student_cfg))
+    differ = diff_keys(inputs(teacher_cfg), inputs(student_cfg))
     if differ:
         raise CacheMismatchError(f"teacher {path} was built for other inputs than the student's "
                                  f"(differing: {', '.join(differ)})", differ)
@@ -188,7 +188,7 @@ def distill_task(loop_config: Mapping[str, Any], device: torch.device) -> TrainT
     policy = loop_config["view_policy"]
     dataset = DistillDataset(base, reader, policy)
     losses = DistillLosses(student.grid, teacher, warp=reader is not None and policy == "warp")
-    extra = nn.ModuleDict({"distill": UniDistillLoss(student.grid, loop_config["distill"])})
+    extra = nn.ModuleDict({"distill": build_distill_loss(student.grid, loop_config["distill"])})
     return TrainTask(model=student, dataset=dataset, losses=losses, extra=extra, collate_fn=collate_with_teacher,
                      worker_init_fn=loader_worker_init if reader is not None else None)
 

@@ -46,9 +46,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from models.detector import BEVDetector, build_detector  # noqa: E402
-from models.distill import UniDistillLoss  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.engine.detection_task import detection_losses  # noqa: E402
+from pipeline.engine.distill_config import build_distill_loss  # noqa: E402
 from pipeline.engine.distill_task import DistillLosses, MAPS, distill_settings  # noqa: E402
 from pipeline.engine.optim import build_optimizer, clip_gradients, scaled_lr  # noqa: E402
 from pipeline.engine.train_loop import to_device  # noqa: E402
@@ -174,7 +174,7 @@ def student_rows(preset: str, device: torch.device, amp: bool, warmup: int, step
             ("online_teacher", DistillLosses(student.grid, teacher, warp=False), batch, None)]
     rows = []
     for name, losses_fn, b, extra in runs:
-        extra = extra if extra is not None else nn.ModuleDict({"distill": UniDistillLoss(student.grid, settings).to(device)})
+        extra = extra if extra is not None else nn.ModuleDict({"distill": build_distill_loss(student.grid, settings).to(device)})
         row = {"kind": "student", "config": f"{preset}_lidar_to_camera", "targets": name, "batch": batch_size}
         row.update(guarded(lambda: time_training(student, extra, losses_fn, b, cfg["train"], device, amp,
                                                  warmup, steps)))

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from models.detector import build_detector  # noqa: E402
-from models.distill import UniDistillLoss, box_keypoints, sample_at_keypoints  # noqa: E402
+from models.distill import box_keypoints, sample_at_keypoints  # noqa: E402
 from pipeline.cache.reader import CacheReader, loader_worker_init  # noqa: E402
 from pipeline.cache.warp import warp_teacher_maps  # noqa: E402
 from pipeline.cache.writer import build_cache  # noqa: E402
@@ -34,6 +34,7 @@ from pipeline.data.collate import collate  # noqa: E402
 from pipeline.data.dataset import DetectionDataset  # noqa: E402
 from pipeline.data.index import load_index  # noqa: E402
 from pipeline.engine.detection_task import detection_losses  # noqa: E402
+from pipeline.engine.distill_config import build_distill_loss  # noqa: E402
 from pipeline.engine.distill_task import DistillDataset, DistillLosses, collate_with_teacher, plan_student  # noqa: E402
 from pipeline.model_files import load_detector  # noqa: E402
 from pipeline.ray_env import ray_session  # noqa: E402
@@ -140,7 +141,7 @@ def main() -> None:
         if mode != "none":
             loop, _ = plan_student(cfg, VERSION, SPLIT, tokens, cache=caches[2] if mode == "cached" else None,
                                    teacher=None if mode == "cached" else str(teacher_path))
-            extra = torch.nn.ModuleDict({"distill": UniDistillLoss(student.grid, loop["distill"])})
+            extra = torch.nn.ModuleDict({"distill": build_distill_loss(student.grid, loop["distill"])})
         if mode == "none":
             step = make_step(student, torch.nn.ModuleDict(), detection_losses)
             out = time_steps(loader(base, collate), step, args.steps)
