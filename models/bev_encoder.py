@@ -13,6 +13,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from models.errors import UserError
+
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01
 
@@ -42,11 +44,11 @@ class BEVEncoder(nn.Module):
         super().__init__()
         n = len(layer_nums)
         if not (n == len(layer_strides) == len(num_filters) == len(num_upsample_filters)) or n == 0:
-            raise ValueError("BEVEncoder: layer_nums, layer_strides, num_filters and num_upsample_filters must "
+            raise UserError("BEVEncoder: layer_nums, layer_strides, num_filters and num_upsample_filters must "
                              f"have the same non-zero length, got {list(layer_nums)}, {list(layer_strides)}, "
                              f"{list(num_filters)}, {list(num_upsample_filters)}")
         if any(int(s) < 1 for s in layer_strides):
-            raise ValueError(f"BEVEncoder: layer_strides must be >= 1, got {list(layer_strides)}")
+            raise UserError(f"BEVEncoder: layer_strides must be >= 1, got {list(layer_strides)}")
         self.blocks = nn.ModuleList()
         self.deblocks = nn.ModuleList()
         self.upsample_strides: list[int] = []

@@ -13,6 +13,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from models.errors import UserError
+
 
 @dataclass(frozen=True)
 class BEVGrid:
@@ -31,16 +33,16 @@ class BEVGrid:
     def __post_init__(self) -> None:
         r, v = self.point_cloud_range, self.voxel_size
         if len(r) != 6 or len(v) != 3:
-            raise ValueError(f"grid: point_cloud_range needs 6 values and voxel_size 3, got {r}, {v}")
+            raise UserError(f"grid: point_cloud_range needs 6 values and voxel_size 3, got {r}, {v}")
         if not (r[3] > r[0] and r[4] > r[1] and r[5] > r[2]):
-            raise ValueError(f"grid: point_cloud_range {r} must be (min x, y, z, max x, y, z)")
+            raise UserError(f"grid: point_cloud_range {r} must be (min x, y, z, max x, y, z)")
         for axis, n in zip("xyz", self.voxel_grid_size):
             extent = r["xyz".index(axis) + 3] - r["xyz".index(axis)]
             if abs(n * v["xyz".index(axis)] - extent) > 1e-4:
-                raise ValueError(f"grid: {axis} extent {extent} m is not a whole number of "
+                raise UserError(f"grid: {axis} extent {extent} m is not a whole number of "
                                  f"{v['xyz'.index(axis)]} m voxels")
         if self.voxel_grid_size[0] % self.out_size_factor or self.voxel_grid_size[1] % self.out_size_factor:
-            raise ValueError(f"grid: voxel grid {self.voxel_grid_size[:2]} is not divisible by "
+            raise UserError(f"grid: voxel grid {self.voxel_grid_size[:2]} is not divisible by "
                              f"out_size_factor {self.out_size_factor}")
 
     @classmethod

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.bev_grid import BEVGrid
+from models.errors import UserError
 from models.resnet import ResNet, load_pretrained
 
 
@@ -45,10 +46,10 @@ class SECONDFPN(nn.Module):
         if isinstance(out_channels, int):
             out_channels = [out_channels] * len(in_channels)
         if not (len(in_channels) == len(out_channels) == len(upsample_strides)):
-            raise ValueError(f"SECONDFPN: in_channels {list(in_channels)}, out_channels {list(out_channels)} and "
+            raise UserError(f"SECONDFPN: in_channels {list(in_channels)}, out_channels {list(out_channels)} and "
                              f"upsample_strides {list(upsample_strides)} must have one entry per level")
         if 1 not in [float(s) for s in upsample_strides]:
-            raise ValueError(f"SECONDFPN: upsample_strides {list(upsample_strides)} need a level with stride 1 "
+            raise UserError(f"SECONDFPN: upsample_strides {list(upsample_strides)} need a level with stride 1 "
                              "(it defines the output size)")
         self.ref_level = [float(s) for s in upsample_strides].index(1.0)
         self.out_channels = int(sum(out_channels))
@@ -75,7 +76,7 @@ def depth_bins(d_bound: Sequence[float]) -> torch.Tensor:
     """Depth of each bin [D] from (start, stop, step): start, start + step, ... < stop (metres)."""
     start, stop, step = (float(x) for x in d_bound)
     if not (0 < start < stop and step > 0):
-        raise ValueError(f"d_bound {list(d_bound)}: expected (start, stop, step) with 0 < start < stop, step > 0")
+        raise UserError(f"d_bound {list(d_bound)}: expected (start, stop, step) with 0 < start < stop, step > 0")
     n = int(round((stop - start) / step))
     return start + step * torch.arange(n, dtype=torch.float32)
 

@@ -14,8 +14,6 @@ channels of models.classes.REGRESSION_CHANNELS, tasks in TASKS order.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -23,87 +21,10 @@ from torch import Tensor, nn
 
 from models.bev_grid import BEVGrid
 from models.box_ops import aligned_iou_3d, aligned_iou_bev, rotated_nms
-from models.classes import CLASS_INDEX, NUM_CLASSES, REGRESSION_CHANNELS, REGRESSION_PER_TASK, TASKS
-
-# The 10 box-code channels of a task (its regression channels without "iou"):
-# offset x, offset y (cells), z (m), log dx, log dy, log dz (m), sin yaw, cos yaw, vx, vy (m/s).
-BOX_CODE_SIZE = REGRESSION_PER_TASK - 1
-_IOU_CHANNEL = REGRESSION_PER_TASK - 1
-# Decoded sizes are clamped to this range (spec §3.6), which also keeps exp() finite.
-DIM_MIN, DIM_MAX = 1e-3, 30.0
-
-# First heat-map channel of each task, and the task of each class index.
-_TASK_OFFSETS: tuple[int, ...] = tuple(sum(len(t) for t in TASKS[:k]) for k in range(len(TASKS) + 1))
-_TASK_OF_CLASS: tuple[int, ...] = tuple(t for t, names in enumerate(TASKS) for _ in names)
-assert [CLASS_INDEX[n] for t in TASKS for n in t] == list(range(NUM_CLASSES))
-
-
-# --- channel layout helpers ----------------------------------------------------------------------
-def split_heatmap(heatmap: Tensor) -> list[Tensor]:
-    """Per-task views [B, n_cls_t, H, W] of a heat map [B, 10, H, W]."""
-    return [heatmap[:, _TASK_OFFSETS[t]:_TASK_OFFSETS[t + 1]] for t in range(len(TASKS))]
-
-
-def split_regression(regression: Tensor) -> list[dict[str, Tensor]]:
-    """Per-task dicts {"reg": [B, 2, H, W], "height": [B, 1, H, W], ...} of a regression map [B, 66, H, W]."""
-    out = []
-    for t in range(len(TASKS)):
-        start, branches = t * REGRESSION_PER_TASK, {}
-        for name, n in REGRESSION_CHANNELS:
-            branches[name] = regression[:, start:start + n]
-            start += n
-        out.append(branches)
-    return out
-
-
-# --- box coding ----------------------------------------------------------------------------------
-def encode_boxes(boxes: Tensor, anchors: Tensor, cell: float) -> Tensor:
-    """Box codes [P, 10] of boxes [P, 9] at anchor points [P, 2] (metres) on cells of `cell` metres.
-
-    Non-finite codes (zero sizes, missing velocities) are set to 0, as in the original.
-    """
-    offset = (boxes[:, :2] - anchors) / cell
-    codes = torch.cat([offset, boxes[:, 2:3], torch.log(boxes[:, 3:6]),
-                       torch.sin(boxes[:, 6:7]), torch.cos(boxes[:, 6:7]), boxes[:, 7:9]], dim=1)
-    return torch.where(torch.isfinite(codes), codes, torch.zeros_like(codes))
-
-
-def decode_boxes(codes: Tensor, anchors: Tensor, cell: float) -> Tensor:
-    """Boxes [P, 9] (x, y, z, dx, dy, dz, yaw, vx, vy) of box codes [P, >=10] at anchors [P, 2]."""
-    xy = anchors + codes[:, :2] * cell
-    dims = codes[:, 3:6].clamp(math.log(DIM_MIN), math.log(DIM_MAX)).exp()
-    yaw = torch.atan2(codes[:, 6:7], codes[:, 7:8])
-    return torch.cat([xy, codes[:, 2:3], dims, yaw, codes[:, 8:10]], dim=1)
-
-
-# --- targets -------------------------------------------------------------------------------------
-@dataclass
-class HeadTargets:
-    """Training targets of one batch, dense on the BEV grid (T = len(TASKS)).
-
-    heatmap:  [B, 10, H, W] float, 1 at a positive cell in its assigned GT's class channel, else 0
-    positive: [B, T, H, W] bool, the positive cells of each task
-    box:      [B, T, 10, H, W] float, box codes at positives (0 elsewhere)
-    gt_index: [B, T, H, W] int64, the GT row each positive is assigned to (-1 elsewhere)
-    """
-
-    heatmap: Tensor
-    positive: Tensor
-    box: Tensor
-    gt_index: Tensor
-
-
-def ideal_outputs(targets: HeadTargets, logit: float = 20.0) -> tuple[Tensor, Tensor]:
-    """The head outputs that match `targets` exactly: (heatmap [B, 10, H, W], regression [B, 66, H, W]).
-
-    Heat-map logits are +logit at positives and -logit elsewhere; the box channels equal the
-    targets and the IoU channel says IoU = 1. Decoding them gives back the ground truth (an
-    oracle for testing decode, evaluation and the loss).
-    """
-    heatmap = torch.where(targets.heatmap > 0, logit, -logit).to(targets.box.dtype)
-    b, t, _, h, w = targets.box.shape
-    iou = targets.positive.to(targets.box.dtype)[:, :, None]  # [B, T, 1, H, W]: 2 * (1 - 0.5) at positives
-    return heatmap, torch.cat([targets.box, iou], dim=2).reshape(b, t * REGRESSION_PER_TASK, h, w)
+from models.classes import NUM_CLASSES, REGRESSION_CHANNELS, REGRESSION_PER_TASK, TASKS
+from models.errors import UserError
+from models.head_coding import (BOX_CODE_SIZE, IOU_CHANNEL, TASK_OF_CLASS, TASK_OFFSETS, HeadTargets, decode_boxes,
+                                encode_boxes, split_heatmap)
 
 
 # --- layers --------------------------------------------------------------------------------------
@@ -185,11 +106,11 @@ class CenterHead(nn.Module):
                  iou_rectifier: float = 0.65, max_per_task: int = 100, max_per_sample: int = 500) -> None:
         super().__init__()
         if len(code_weights) != BOX_CODE_SIZE:
-            raise ValueError(f"CenterHead: code_weights needs {BOX_CODE_SIZE} values, got {len(code_weights)}")
+            raise UserError(f"CenterHead: code_weights needs {BOX_CODE_SIZE} values, got {len(code_weights)}")
         if post_center_range is not None and len(post_center_range) != 6:
-            raise ValueError(f"CenterHead: post_center_range needs 6 values, got {post_center_range}")
+            raise UserError(f"CenterHead: post_center_range needs 6 values, got {post_center_range}")
         if num_candidates < 1:
-            raise ValueError(f"CenterHead: num_candidates must be >= 1, got {num_candidates}")
+            raise UserError(f"CenterHead: num_candidates must be >= 1, got {num_candidates}")
         self.grid = grid
         self.shared = _conv_bn_relu(c_in, c_shared)
         self.tasks = nn.ModuleList(SepHead(c_shared, len(names), c_head) for names in TASKS)
@@ -207,7 +128,7 @@ class CenterHead(nn.Module):
         xs, ys = grid.cell_centers()
         self.register_buffer("anchor_x", torch.as_tensor(xs, dtype=torch.float32), persistent=False)  # [W]
         self.register_buffer("anchor_y", torch.as_tensor(ys, dtype=torch.float32), persistent=False)  # [H]
-        self.register_buffer("task_of_class", torch.tensor(_TASK_OF_CLASS), persistent=False)  # [10]
+        self.register_buffer("task_of_class", torch.tensor(TASK_OF_CLASS), persistent=False)  # [10]
 
     # --- forward -------------------------------------------------------------------------------
     def forward(self, high: Tensor) -> tuple[Tensor, Tensor]:
@@ -321,7 +242,7 @@ class CenterHead(nn.Module):
         focal = -(gt * self.focal_alpha * (1 - p) ** self.focal_gamma * torch.log(p)
                   + (1 - gt) * (1 - self.focal_alpha) * p ** self.focal_gamma * torch.log(1 - p))
         per_class = focal.sum(dim=(0, 2, 3))  # [10]
-        hm = torch.stack([per_class[_TASK_OFFSETS[t]:_TASK_OFFSETS[t + 1]].sum() for t in range(n_task)]) / norm
+        hm = torch.stack([per_class[TASK_OFFSETS[t]:TASK_OFFSETS[t + 1]].sum() for t in range(n_task)]) / norm
 
         # Regression at positives: [P, 11] predictions, [P, 10] codes, their task and anchor.
         pred = regression.float().reshape(b, n_task, REGRESSION_PER_TASK, hw).transpose(2, 3)[pos]
@@ -339,7 +260,7 @@ class CenterHead(nn.Module):
         gt_boxes = decode_boxes(code, anchors, self.grid.cell)
         with torch.no_grad():
             iou = aligned_iou_bev(decode_boxes(pred[:, :BOX_CODE_SIZE], anchors, self.grid.cell), gt_boxes)
-        iou_aware = per_task((pred[:, _IOU_CHANNEL] - 2.0 * (iou - 0.5)).abs()) / norm
+        iou_aware = per_task((pred[:, IOU_CHANNEL] - 2.0 * (iou - 0.5)).abs()) / norm
 
         # Yaw only picks the snapping axis in aligned_iou_3d; keep atan2 out of the graph.
         live = torch.cat([pred[:, :6], pred[:, 6:BOX_CODE_SIZE].detach()], dim=1)
@@ -392,13 +313,13 @@ class CenterHead(nn.Module):
             codes = reg_all[:, t].gather(2, cells[:, None, :].expand(-1, REGRESSION_PER_TASK, -1)).transpose(1, 2)
             boxes = decode_boxes(codes.reshape(-1, REGRESSION_PER_TASK), self._anchors(cells).reshape(-1, 2),
                                  self.grid.cell).view(b, -1, 9)  # [B, K, 9]
-            iou = (codes[..., _IOU_CHANNEL] / 2 + 0.5).clamp(0.0, 1.0)
+            iou = (codes[..., IOU_CHANNEL] / 2 + 0.5).clamp(0.0, 1.0)
             rank = top ** (1 - self.iou_rectifier) * iou ** self.iou_rectifier
             keep = (top > self.score_threshold) & self._in_range(boxes)
             for s in range(b):
                 sel = keep[s].nonzero().squeeze(1)
                 sel = sel[rotated_nms(boxes[s, sel], rank[s, sel], self.nms_iou_threshold, self.max_per_task)]
-                per_sample[s].append((boxes[s, sel], top[s, sel], cls[s, sel] + _TASK_OFFSETS[t]))
+                per_sample[s].append((boxes[s, sel], top[s, sel], cls[s, sel] + TASK_OFFSETS[t]))
         out = []
         for parts in per_sample:
             boxes, scores, labels = (torch.cat(x) for x in zip(*parts))

@@ -13,11 +13,13 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from models.errors import UserError
+
 FORMAT = "unidistill-ray/model"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A model file is missing, malformed, or does not fit the model it is loaded into."""
 
 

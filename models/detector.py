@@ -19,6 +19,7 @@ from models.bev_grid import BEVGrid
 from models.camera_encoder import CameraEncoder
 from models.center_head import CenterHead
 from models.checkpoint import CheckpointError, load_state_dict_strict, read_model_file, save_model
+from models.errors import UserError
 from models.fusion import FusionEncoder
 from models.lidar_encoder import LidarEncoder
 
@@ -132,7 +133,7 @@ def build_detector(cfg: Mapping[str, Any], device: torch.device | str | None = N
     m = cfg["model"]
     modality = m["modality"]
     if modality not in MODALITIES:
-        raise ValueError(f"model.modality: {modality!r} is not one of {MODALITIES}")
+        raise UserError(f"model.modality: {modality!r} is not one of {MODALITIES}")
     device = torch.device(device) if device is not None else torch.device("cpu")
     lidar = camera = fusion = None
     if modality in ("lidar", "fusion"):

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from models.bev_grid import BEVGrid
 from models.box_ops import bev_corners
 from models.classes import NUM_CLASSES, NUM_REGRESSION
+from models.errors import UserError
 from models.gaussian_mask import box_gaussian_mask
 
 ReduceCount = Callable[[Tensor], Tensor]
@@ -166,7 +167,7 @@ class DistillAdaptation(nn.Module):
                  student_high: int | None = None, teacher_high: int | None = None, kernel_size: int = 1) -> None:
         super().__init__()
         if kernel_size not in (1, 3):
-            raise ValueError(f"distill.adaptation.kernel_size must be 1 or 3, got {kernel_size}")
+            raise UserError(f"distill.adaptation.kernel_size must be 1 or 3, got {kernel_size}")
         self.low = _adapter(student_low, teacher_low, kernel_size) if student_low is not None else None
         self.high = _adapter(student_high, teacher_high, kernel_size) if student_high is not None else None
 
@@ -210,7 +211,7 @@ class UniDistillLoss(nn.Module):
                         "response": float(response_weight)}
         bad = {k: v for k, v in self.weights.items() if not v >= 0}
         if bad:
-            raise ValueError(f"UniDistillLoss: weights must be >= 0, got {bad}")
+            raise UserError(f"UniDistillLoss: weights must be >= 0, got {bad}")
         self.temperature, self.teacher_eps, self.min_overlap = float(temperature), float(teacher_eps), float(min_overlap)
         self.keypoint_transpose = bool(keypoint_transpose)
         self.channels = {k: None for k in CHANNEL_KEYS} | dict(channels or {})
@@ -220,7 +221,7 @@ class UniDistillLoss(nn.Module):
             need = [f"{p}_{lv}" for lv, name in (("low", "feature"), ("high", "relation"))
                     if self.weights[name] > 0 for p in ("student", "teacher") if ch[f"{p}_{lv}"] is None]
             if need:
-                raise ValueError(f"distill.adaptation is enabled but distill.channels lacks {need}: give the "
+                raise UserError(f"distill.adaptation is enabled but distill.channels lacks {need}: give the "
                                  f"student and teacher widths (resolve_distill_config(..., student_channels=, "
                                  f"teacher_channels=))")
             low = self.weights["feature"] > 0

@@ -30,6 +30,7 @@ from spconv.pytorch.utils import PointToVoxel
 from torch import nn
 
 from models.bev_grid import BEVGrid
+from models.errors import UserError
 
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01
@@ -52,7 +53,7 @@ def _resolve_algo(algo: str | ConvAlgo | None, device: str | torch.device | None
     choices = {"auto": conv_algo_for(device), "native": ConvAlgo.Native, "default": None,
                "implicit_gemm": ConvAlgo.MaskImplicitGemm}
     if algo not in choices:
-        raise ValueError(f"LidarEncoder: algo {algo!r} is not one of {sorted(choices)} or a ConvAlgo")
+        raise UserError(f"LidarEncoder: algo {algo!r} is not one of {sorted(choices)} or a ConvAlgo")
     return choices[algo]
 
 
@@ -170,7 +171,7 @@ class VoxelResBackBone8x(nn.Module):
                  blocks: int = 2, algo: ConvAlgo | None = ConvAlgo.Native):
         super().__init__()
         if len(widths) != 4:
-            raise ValueError(f"VoxelResBackBone8x: widths must have 4 entries, got {list(widths)}")
+            raise UserError(f"VoxelResBackBone8x: widths must have 4 entries, got {list(widths)}")
         self.out_channels = out_channels
         self.stem = spconv.SparseSequential(
             spconv.SubMConv3d(in_channels, widths[0], 3, padding=1, bias=False, indice_key="subm1", algo=algo),
@@ -244,7 +245,7 @@ class LidarEncoder(nn.Module):
                  algo: str | ConvAlgo | None = "auto"):
         super().__init__()
         if grid.out_size_factor != DOWNSAMPLE:
-            raise ValueError(f"LidarEncoder: grid.out_size_factor is {grid.out_size_factor}, but the sparse "
+            raise UserError(f"LidarEncoder: grid.out_size_factor is {grid.out_size_factor}, but the sparse "
                              f"backbone down-samples x and y by {DOWNSAMPLE}")
         self.grid = grid
         self.algo = _resolve_algo(algo, device)
@@ -252,7 +253,7 @@ class LidarEncoder(nn.Module):
         self.sparse_shape = (nz + 1, ny, nx)  # (Z, Y, X); the extra z layer as in the paper (41 = 40 + 1)
         out_z, out_y, out_x = VoxelResBackBone8x.output_shape(self.sparse_shape)
         if (out_y, out_x) != (grid.H, grid.W) or out_z < 1:
-            raise ValueError(f"LidarEncoder: sparse shape {self.sparse_shape} gives output (D, H, W) = "
+            raise UserError(f"LidarEncoder: sparse shape {self.sparse_shape} gives output (D, H, W) = "
                              f"{(out_z, out_y, out_x)}, expected (>=1, {grid.H}, {grid.W}) from the grid")
         self.out_depth = out_z
         self.out_channels = out_channels * out_z

@@ -14,6 +14,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from models.errors import UserError
+
 
 def _conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
@@ -94,7 +96,7 @@ class ResNet(nn.Module):
                  frozen_stem: bool = False) -> None:
         super().__init__()
         if depth not in ARCHS:
-            raise ValueError(f"ResNet: depth must be one of {sorted(ARCHS)}, got {depth}")
+            raise UserError(f"ResNet: depth must be one of {sorted(ARCHS)}, got {depth}")
         block, layers = ARCHS[depth]
         self.depth, self.base_width = depth, base_width
         self._c = base_width
@@ -176,7 +178,7 @@ def load_pretrained(model: ResNet, path: str | Path) -> ResNet:
     """
     state = read_weights_file(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"pretrained ResNet weights {path}: expected a state dict of tensors "
+        raise UserError(f"pretrained ResNet weights {path}: expected a state dict of tensors "
                          f"(torchvision format), got {type(state).__name__}")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     own = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
@@ -191,7 +193,7 @@ def load_pretrained(model: ResNet, path: str | Path) -> ResNet:
         if mis_shaped:
             parts.append("shape mismatches " + _preview(
                 [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mis_shaped]))
-        raise ValueError(f"pretrained ResNet weights {path} do not fit ResNet-{model.depth} "
+        raise UserError(f"pretrained ResNet weights {path} do not fit ResNet-{model.depth} "
                          f"(base width {model.base_width}): " + "; ".join(parts))
     model.load_state_dict(state, strict=False)
     return model

@@ -13,10 +13,12 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from models.errors import UserError
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "stages" / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file or override is malformed; the message names the file or key."""
 
 

@@ -20,6 +20,8 @@ import secrets
 from pathlib import Path
 from typing import Any, Iterator
 
+from models.errors import UserError
+
 LOOPBACK = "127.0.0.1"
 OBJECT_STORE_BYTES = 1 << 30  # 1 GiB is plenty for the compact rows the stages move
 
@@ -93,7 +95,7 @@ def ensure_auth_token() -> Path | None:
             os.chmod(path, 0o600)
             print(f"[ray] made the Ray auth token {path} readable by its owner only", flush=True)
         if path.stat().st_size == 0:
-            raise ValueError(f"the Ray auth token file {path} is empty: delete it to have a new token "
+            raise UserError(f"the Ray auth token file {path} is empty: delete it to have a new token "
                              f"generated, or point RAY_AUTH_TOKEN_PATH at the cluster's token") from None
         return path
     with os.fdopen(fd, "w") as f:

@@ -13,6 +13,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
+from models.errors import UserError
+
 
 def is_url(path: str | os.PathLike) -> bool:
     """True for 'scheme://...' paths other than file://."""
@@ -43,7 +45,7 @@ def parent_and_name(path: str | os.PathLike) -> tuple[str, str]:
     url, query = split_url(str(path))
     parent, _, name = url.rstrip("/").rpartition("/")
     if not name or parent.endswith(":/"):
-        raise ValueError(f"{path}: a run URL needs a bucket and a folder name, e.g. s3://bucket/runs/my_run")
+        raise UserError(f"{path}: a run URL needs a bucket and a folder name, e.g. s3://bucket/runs/my_run")
     return (f"{parent}?{query}" if query else parent), name
 
 

@@ -12,6 +12,28 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def stage_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A stage's parser, its module docstring as the description (usage lines kept as written)."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def job_args(ap: argparse.ArgumentParser, check_files: bool = True) -> argparse.ArgumentParser:
+    """Add the options every Ray job stage ends with (--check-files where it reads sensor files,
+    --address); returns `ap`."""
+    if check_files:
+        add_check_files_arg(ap)
+    add_ray_args(ap)
+    return ap
+
+
+def parse_stage_args(build_parser, argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """Parse a stage's command line and export its --address before the project (and Ray) is imported."""
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    apply_ray_address(args.address)
+    return ap, args
+
+
 def add_data_args(ap: argparse.ArgumentParser, split_help: str) -> None:
     """--dataroot, --version, --split."""
     ap.add_argument("--dataroot", required=True, help="nuScenes dataroot (real or generated)")
@@ -48,14 +70,15 @@ def apply_ray_address(address: str | None) -> None:
 
 
 def run_main(main, argv: list[str] | None = None) -> int:
-    """Run a stage's main; user errors (bad input) print one clear line and exit with status 2."""
+    """Run a stage's main; bad input (models.errors.UserError: ConfigError, DatasetError, CacheError,
+    CheckpointError, ...) and missing files print one line and exit with status 2. Any other
+    exception is a bug and keeps its traceback."""
     try:
         main(argv)
     except Exception as e:  # imported late: the project must not be imported before --address is applied
-        from models.checkpoint import CheckpointError
-        from pipeline.config import ConfigError
+        from models.errors import UserError
 
-        if isinstance(e, (ConfigError, CheckpointError, FileNotFoundError, ValueError, KeyError)):
+        if isinstance(e, (UserError, FileNotFoundError)):
             print(f"error: {e}", file=sys.stderr)
             return 2
         raise

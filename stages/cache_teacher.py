@@ -15,16 +15,16 @@ import argparse
 import sys
 
 try:  # `python stages/cache_teacher.py` (script) or `import stages.cache_teacher`
-    from _cli import add_check_files_arg, add_ray_args, apply_ray_address, run_main
+    from _cli import job_args, parse_stage_args, run_main, stage_parser
 except ImportError:
-    from stages._cli import add_check_files_arg, add_ray_args, apply_ray_address, run_main
+    from stages._cli import job_args, parse_stage_args, run_main, stage_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The stage's command line (also checked against the cluster manifests by the tests)."""
     from pipeline.cache import store
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = stage_parser(__doc__)
     ap.add_argument("--cache", required=True, help="cache location: a local path or a URL (s3://bucket/caches/x)")
     ap.add_argument("--teacher", help="teacher model file (RUN_DIR/model.pt)")
     ap.add_argument("--dataroot", help="nuScenes dataroot (real or generated)")
@@ -59,47 +59,34 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--render", metavar="TOKEN", help="write a PNG of this sample's cached maps")
     ap.add_argument("--view", type=int, default=0, help="view to render")
     ap.add_argument("--out", default="cache_render.png", help="PNG path for --render")
-    add_check_files_arg(ap)
-    add_ray_args(ap)
-    return ap
+    return job_args(ap)
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = build_parser()
-    args = ap.parse_args(argv)
-    apply_ray_address(args.address)
+    ap, args = parse_stage_args(build_parser, argv)
 
-    from pipeline.cache import inspection
+    if args.verify or args.inspect or args.render:
+        from pipeline.cache.inspection import run_check
 
-    if args.verify:
-        report = inspection.verify(args.cache)
-        print(inspection.format_verify(report))
-        if report["bad"] or report["missing"]:
-            sys.exit(1)
-        return
-    if args.inspect:
-        print(inspection.format_describe(inspection.describe(args.cache)))
-        return
-    if args.render:
-        print(f"wrote {inspection.render(args.cache, args.render, args.view, args.out)}")
-        return
+        sys.exit(run_check(args.cache, args.verify, args.inspect, args.render, args.view, args.out))
     if not args.teacher or not args.dataroot:
         ap.error("--teacher and --dataroot are needed to build a cache")
 
-    from pipeline.cache.writer import build_cache
-    from pipeline.engine.trainer import default_train_split
+    from pipeline.cache.build import build_cache
+    from pipeline.cache.plan import CacheRequest
+    from pipeline.data.nusc_db import default_split
 
-    split = args.split or default_train_split(args.version)
+    split = args.split or default_split(args.version)
     if args.check_files:
         from pipeline.data.file_check import check_model_split_files
 
         check_model_split_files(args.teacher, args.dataroot, args.version, split)
-    build_cache(args.teacher, args.dataroot, args.version, split,
-                args.cache, views=args.views, storage=args.storage, dtype=args.dtype,
-                shard_samples=args.shard_samples, tile=args.tile, compressor_name=args.compressor,
-                overwrite=args.overwrite, actors=args.actors, use_gpu=args.gpu, cpus_per_actor=args.cpus_per_actor,
-                teacher_batch=args.teacher_batch, address=args.address, loaders=args.loaders, writers=args.writers,
-                cpus_per_loader=args.cpus_per_loader, cpus_per_writer=args.cpus_per_writer)
+    build_cache(CacheRequest(
+        args.teacher, args.dataroot, args.version, split, args.cache, views=args.views, storage=args.storage,
+        dtype=args.dtype, shard_samples=args.shard_samples, tile=args.tile, compressor_name=args.compressor,
+        overwrite=args.overwrite, actors=args.actors, use_gpu=args.gpu, cpus_per_actor=args.cpus_per_actor,
+        teacher_batch=args.teacher_batch, address=args.address, loaders=args.loaders, writers=args.writers,
+        cpus_per_loader=args.cpus_per_loader, cpus_per_writer=args.cpus_per_writer))
 
 
 if __name__ == "__main__":

@@ -11,14 +11,14 @@ from __future__ import annotations
 import argparse
 
 try:  # `python stages/evaluate.py` (script) or `import stages.evaluate`
-    from _cli import add_check_files_arg, add_data_args, add_ray_args, apply_ray_address, run_main
+    from _cli import add_data_args, job_args, parse_stage_args, run_main, stage_parser
 except ImportError:
-    from stages._cli import add_check_files_arg, add_data_args, add_ray_args, apply_ray_address, run_main
+    from stages._cli import add_data_args, job_args, parse_stage_args, run_main, stage_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The stage's command line (also checked against the cluster manifests by the tests)."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = stage_parser(__doc__)
     ap.add_argument("--checkpoint", required=True, help="model file exported by a training stage (RUN_DIR/model.pt)")
     add_data_args(ap, "split to evaluate (default: the version's validation split, or test)")
     ap.add_argument("--output", required=True, help="folder for results, metrics and plots")
@@ -29,20 +29,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cpus-per-actor", type=float, default=None, help="CPUs reserved by each actor")
     ap.add_argument("--gpu", action="store_true", help="one GPU per inference actor")
     ap.add_argument("--no-render", action="store_true", help="skip PR curves and BEV pictures")
-    add_check_files_arg(ap)
-    add_ray_args(ap)
-    return ap
+    return job_args(ap)
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = build_parser()
-    args = ap.parse_args(argv)
-    apply_ray_address(args.address)
+    ap, args = parse_stage_args(build_parser, argv)
 
     from pipeline.evaluation.model_eval import evaluate_model
-    from pipeline.data.nusc_db import SPLITS_OF_VERSION, check_version
+    from pipeline.data.nusc_db import default_split
 
-    split = args.split or SPLITS_OF_VERSION[check_version(args.version)][-1]
+    split = args.split or default_split(args.version, "eval")
     runtime = {k: v for k, v in (("eval_actors", args.actors), ("eval_batch_size", args.batch_size),
                                  ("eval_cpus_per_actor", args.cpus_per_actor)) if v is not None}
     runtime["use_gpu"] = args.gpu

@@ -18,16 +18,16 @@ import argparse
 from pathlib import Path
 
 try:  # `python stages/paper_table.py` (script) or `import stages.paper_table`
-    from _cli import add_ray_args, apply_ray_address, run_main
+    from _cli import job_args, parse_stage_args, run_main, stage_parser
 except ImportError:
-    from stages._cli import add_ray_args, apply_ray_address, run_main
+    from stages._cli import job_args, parse_stage_args, run_main, stage_parser
 
 ALL_PATHS = "lidar_to_camera,fusion_to_camera,camera_to_lidar,fusion_to_lidar"
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The stage's command line."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = stage_parser(__doc__)
     ap.add_argument("--out", required=True, type=Path,
                     help="folder for the runs, caches, evaluations and tables (absolute under `ray job submit`)")
     ap.add_argument("--paths", default=ALL_PATHS, help=f"comma-separated distillation paths (default: {ALL_PATHS})")
@@ -39,15 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the loss ablation on lidar_to_camera (default: on when that path is chosen)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a key of every config, e.g. --set train.epochs=2 (repeatable)")
-    add_ray_args(ap)
-    return ap
+    return job_args(ap, check_files=False)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    apply_ray_address(args.address)
+    _, args = parse_stage_args(build_parser, argv)
 
-    from pipeline.experiments.paper_table import make_table, parse_paths, parse_seeds
+    from pipeline.experiments.paper_plan import parse_paths, parse_seeds
+    from pipeline.experiments.paper_table import make_table
 
     make_table(args.out, parse_paths(args.paths), parse_seeds(args.seeds), preset=args.preset,
                dataroot=args.dataroot, version=args.version, ablation=args.ablation, overrides=args.overrides,

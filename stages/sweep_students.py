@@ -13,14 +13,14 @@ import argparse
 from pathlib import Path
 
 try:  # `python stages/sweep_students.py` (script) or `import stages.sweep_students`
-    from _cli import add_config_args, add_data_args, add_ray_args, apply_ray_address, run_main
+    from _cli import add_config_args, add_data_args, job_args, parse_stage_args, run_main, stage_parser
 except ImportError:
-    from stages._cli import add_config_args, add_data_args, add_ray_args, apply_ray_address, run_main
+    from stages._cli import add_config_args, add_data_args, job_args, parse_stage_args, run_main, stage_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The stage's command line (also checked against the cluster manifests by the tests)."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = stage_parser(__doc__)
     add_config_args(ap)  # the student preset every variant starts from; --set applies to all variants
     ap.add_argument("--cache", required=True, help="teacher-target cache every distilled variant reads")
     ap.add_argument("--grid", required=True, help="YAML file of variants (see pipeline/experiments/sweep.py)")
@@ -28,22 +28,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-split", default=None, help="evaluation split (default: the version's val split)")
     ap.add_argument("--output", required=True, help="sweep folder: one run folder per variant and the tables")
     ap.add_argument("--concurrent", type=int, default=2, help="trials running at once")
-    add_ray_args(ap)
-    return ap
+    return job_args(ap, check_files=False)
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = build_parser()
-    args = ap.parse_args(argv)
-    apply_ray_address(args.address)
+    ap, args = parse_stage_args(build_parser, argv)
 
-    from pipeline.data.nusc_db import SPLITS_OF_VERSION, check_version
+    from pipeline.data.nusc_db import default_split
     from pipeline.experiments.sweep import read_grid, run_sweep
 
     variants = [dict(v, overrides=[*args.overrides, *v["overrides"]]) for v in read_grid(args.grid)]
-    splits = SPLITS_OF_VERSION[check_version(args.version)]
-    rows = run_sweep(variants, args.config, args.cache, args.dataroot, args.version, args.split or splits[0],
-                     args.eval_split or splits[-1], args.output, args.concurrent, address=args.address)
+    rows = run_sweep(variants, args.config, args.cache, args.dataroot, args.version, args.split or default_split(args.version),
+                     args.eval_split or default_split(args.version, "eval"), args.output, args.concurrent, address=args.address)
     print(Path(args.output, "results.md").read_text())
     print(f"{len(rows)} variants -> {args.output}/results.md, results.csv")
 

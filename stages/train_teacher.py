@@ -11,34 +11,30 @@ from __future__ import annotations
 import argparse
 
 try:  # `python stages/train_teacher.py` (script) or `import stages.train_teacher`
-    from _cli import add_check_files_arg, add_config_args, add_data_args, add_ray_args, apply_ray_address, run_main
+    from _cli import add_config_args, add_data_args, job_args, parse_stage_args, run_main, stage_parser
 except ImportError:
-    from stages._cli import (add_check_files_arg, add_config_args, add_data_args, add_ray_args, apply_ray_address,
-                             run_main)
+    from stages._cli import add_config_args, add_data_args, job_args, parse_stage_args, run_main, stage_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The stage's command line (also checked against the cluster manifests by the tests)."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = stage_parser(__doc__)
     add_config_args(ap)
     add_data_args(ap, "training split (default: the version's train split)")
     ap.add_argument("--output", required=True, help="run folder (local path or URL, e.g. s3://bucket/runs/x)")
-    add_check_files_arg(ap)
-    add_ray_args(ap)
-    return ap
+    return job_args(ap)
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = build_parser()
-    args = ap.parse_args(argv)
-    apply_ray_address(args.address)
+    ap, args = parse_stage_args(build_parser, argv)
 
     from pipeline.config import load_config
     from pipeline.engine.detection_task import detection_task
-    from pipeline.engine.trainer import default_train_split, fit
+    from pipeline.data.nusc_db import default_split
+    from pipeline.engine.trainer import fit
 
     cfg = load_config(args.config, args.overrides)
-    split = args.split or default_train_split(args.version)
+    split = args.split or default_split(args.version)
     if args.check_files:
         from pipeline.data.file_check import check_split_files
 

@@ -164,13 +164,14 @@ def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def caches(ray_cluster, tiny_teacher, nusc_root, tmp_path_factory):
     """Caches of `tiny_teacher` over generated mini_val (6 samples, shards of 2), built once per session:
     dense with 1 and 2 views, foreground with 2 views. Tests that damage a cache work on a copy."""
-    from pipeline.cache.writer import build_cache
+    from pipeline.cache.build import build_cache
+    from pipeline.cache.plan import CacheRequest
 
     root = tmp_path_factory.mktemp("caches")
     out = {}
     # fg2 with 8-cell tiles (the foreground default on this 64x64 grid is 32): they show foreground storage's saving.
     for name, kw in (("dense1", {}), ("dense2", {"views": 2}),
                      ("fg2", {"views": 2, "storage": "foreground", "tile": 8})):
-        out[name] = (root / name, build_cache(str(tiny_teacher), str(nusc_root), "v1.0-mini", "mini_val",
-                                              str(root / name), shard_samples=2, cpus_per_actor=0.5, **kw))
+        out[name] = (root / name, build_cache(CacheRequest(str(tiny_teacher), str(nusc_root), "v1.0-mini", "mini_val",
+                                              str(root / name), shard_samples=2, cpus_per_actor=0.5, **kw)))
     return out

@@ -16,10 +16,12 @@ import torch
 from models.bev_grid import BEVGrid
 from pipeline.cache import inspection
 from pipeline.cache import store
+from pipeline.cache.build import build_cache
+from pipeline.cache.plan import CacheRequest
+from pipeline.cache.ray_stages import write_one_shard
 from pipeline.cache.reader import CacheReader
 from pipeline.cache.schema import CacheError, CacheLayout, CacheMismatchError
 from pipeline.cache.views import view_matrix
-from pipeline.cache.writer import build_cache, write_one_shard
 from pipeline.data.collate import collate
 from pipeline.engine.distill_config import build_distill_loss, resolve_distill_config
 from pipeline.evaluation.inference import eval_dataset
@@ -33,7 +35,7 @@ VERSION, SPLIT = "v1.0-mini", "mini_val"  # 2 scenes x 3 key frames: 6 samples
 def build(teacher, root, uri, **kw):
     kw.setdefault("shard_samples", 2)
     kw.setdefault("cpus_per_actor", 0.5)
-    return build_cache(str(teacher), str(root), VERSION, SPLIT, str(uri), **kw)
+    return build_cache(CacheRequest(str(teacher), str(root), VERSION, SPLIT, str(uri), **kw))
 
 
 def teacher_outputs(teacher: Path, root: Path, item: int, bda: np.ndarray) -> dict[str, torch.Tensor]:
@@ -159,7 +161,7 @@ def test_verify_reports_corrupt_and_missing_shards(caches, tmp_path):
 
 def test_a_task_writes_whole_shards_only(tiny_teacher, nusc_root, tmp_path):
     """write_one_shard refuses part of a shard (concurrent partial writers lose data, DESIGN §3.4)."""
-    from pipeline.cache.writer import plan_cache, prepare_store
+    from pipeline.cache.plan import plan_cache, prepare_store
 
     job, fp = plan_cache(str(tiny_teacher), str(nusc_root), VERSION, SPLIT, str(tmp_path / "c"), 1, "dense",
                          "float16", 2)

@@ -1,4 +1,4 @@
-"""CenterHead (models/center_head.py) and rotated BEV box geometry (models/box_ops.py)."""
+"""CenterHead (models/center_head.py, models/head_coding.py) and rotated BEV box geometry (models/box_ops.py)."""
 from __future__ import annotations
 
 import math
@@ -11,9 +11,9 @@ from shapely.geometry import box as shapely_box
 
 from models.bev_grid import BEVGrid
 from models.box_ops import aligned_iou_bev, iou_bev, paired_iou_bev, rotated_nms
-from models.center_head import (BOX_CODE_SIZE, CenterHead, HeadTargets, ideal_outputs,
-                                split_heatmap, split_regression)
+from models.center_head import CenterHead
 from models.classes import CLASS_INDEX, CLASS_NAMES, REGRESSION_CHANNELS, TASKS
+from models.head_coding import BOX_CODE_SIZE, HeadTargets, ideal_outputs, split_heatmap, split_regression
 from pipeline.config import load_config
 from pipeline.engine.comm import mean_over_workers
 

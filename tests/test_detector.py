@@ -29,10 +29,10 @@ from nuscenes.eval.detection.data_classes import DetectionBox
 from pyquaternion import Quaternion
 
 from models.bev_grid import BEVGrid
-from models.center_head import ideal_outputs
 from models.checkpoint import FORMAT, CheckpointError
 from models.classes import CLASS_NAMES, NUM_CLASSES, NUM_REGRESSION
 from models.detector import BEVDetector, build_detector, load_detector, save_detector
+from models.head_coding import ideal_outputs
 from pipeline.config import load_config
 from pipeline.data.collate import collate
 from pipeline.data.dataset import DetectionDataset, boxes_in_range

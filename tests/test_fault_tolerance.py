@@ -15,9 +15,10 @@ import pytest
 from pipeline.cache import inspection
 
 from pipeline.cache import store
+from pipeline.cache.build import build_cache
+from pipeline.cache.plan import CacheRequest
 from pipeline.cache.reader import CacheReader
 from pipeline.cache.schema import CacheError
-from pipeline.cache.writer import build_cache
 
 from tests.conftest import REPO, committed_checkpoints, local_cluster
 
@@ -73,8 +74,8 @@ def test_caching_spreads_over_two_nodes_and_matches_a_single_node_cache(two_node
     # shard to the least busy actor and breaks ties in favour of the one that finished last, so the teachers
     # must be the bottleneck for both to get work: one loader per shard (all three load at once) and two views
     # per sample (twice the teacher work). The tiny teacher otherwise finishes a shard before the next arrives.
-    summary = build_cache(str(tiny_teacher), str(nusc_root), VERSION, SPLIT, str(uri), shard_samples=2, views=2,
-                          actors=2, loaders=3, cpus_per_actor=1.5, address=two_nodes["address"])
+    summary = build_cache(CacheRequest(str(tiny_teacher), str(nusc_root), VERSION, SPLIT, str(uri), shard_samples=2, views=2,
+                          actors=2, loaders=3, cpus_per_actor=1.5, address=two_nodes["address"]))
     markers = store.read_markers(str(uri))
     assert len({m["teacher_node"] for m in markers.values()}) == 2, "teacher actors ran on both nodes"
     assert len(summary.nodes) >= 1
@@ -169,7 +170,7 @@ def test_an_unwritable_cache_location_is_a_clear_error(tiny_teacher, nusc_root, 
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("a file where the cache folder should go")
     with pytest.raises(CacheError, match="cannot be created or opened for writing"):
-        build_cache(str(tiny_teacher), str(nusc_root), VERSION, SPLIT, str(blocker / "cache"))
+        build_cache(CacheRequest(str(tiny_teacher), str(nusc_root), VERSION, SPLIT, str(blocker / "cache")))
 
 
 @pytest.fixture
@@ -190,8 +191,8 @@ def small_disk(tmp_path):
 def test_a_full_disk_is_a_clear_error_and_finished_shards_stay_intact(small_disk, ray_cluster, tiny_teacher, nusc_root):
     uri = small_disk / "cache"
     with pytest.raises(CacheError, match=r"No space left on device\) with \d+ of 6 shards complete"):
-        build_cache(str(tiny_teacher), str(nusc_root), VERSION, SPLIT, str(uri), shard_samples=1, views=2,
-                    cpus_per_actor=0.5)
+        build_cache(CacheRequest(str(tiny_teacher), str(nusc_root), VERSION, SPLIT, str(uri), shard_samples=1, views=2,
+                    cpus_per_actor=0.5))
     report = inspection.verify(str(uri))
     assert report["ok"] and not report["bad"], report
     assert report["missing"], "the job stopped part-way"

@@ -25,3 +25,11 @@ def test_no_models_source_names_pipeline_in_an_import() -> None:
                  for i, line in enumerate(p.read_text().splitlines(), 1)
                  if line.lstrip().startswith(("import pipeline", "from pipeline", "import stages", "from stages"))]
     assert offenders == []
+
+
+def test_modules_stay_small_and_stages_thin() -> None:
+    sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines())
+             for folder in ("pipeline", "models", "stages") for p in (ROOT / folder).rglob("*.py")}
+    assert len(sizes) > 60
+    assert {f: n for f, n in sizes.items() if n > 400} == {}
+    assert {f: n for f, n in sizes.items() if f.startswith("stages/") and n > 100} == {}

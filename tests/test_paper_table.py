@@ -9,20 +9,21 @@ import time
 import pytest
 
 from pipeline.config import ConfigError
+from pipeline.experiments import paper_plan as pp
 from pipeline.experiments import paper_table as pt
 from pipeline.experiments.paper_report import format_mean_std, format_results_md, group_by_path, plot_results, write_csv
 from pipeline.experiments.runs import Progress, dataset_matches, mean_std
 from stages import paper_table as stage
 
-ALL = list(pt.PATHS)
+ALL = list(pp.PATHS)
 
 
-def actions(plan: pt.TablePlan) -> list[str]:
+def actions(plan: pp.TablePlan) -> list[str]:
     return [f"{s.action} {s.target}" for s in plan.steps]
 
 
 def test_plan_of_one_path_and_seed_trains_teacher_and_baseline_then_caches_then_distils():
-    plan = pt.plan_table("tiny", ["lidar_to_camera"], [0], ablation=False)
+    plan = pp.plan_table("tiny", ["lidar_to_camera"], [0], ablation=False)
     assert actions(plan) == ["train tiny_lidar", "evaluate tiny_lidar", "train tiny_camera", "evaluate tiny_camera",
                              "cache lidar", "train tiny_lidar_to_camera", "evaluate tiny_lidar_to_camera"]
     assert plan.caches == {"lidar": "tiny_lidar"}
@@ -34,7 +35,7 @@ def test_plan_of_one_path_and_seed_trains_teacher_and_baseline_then_caches_then_
 
 
 def test_plan_of_all_paths_trains_each_run_once_and_shares_baselines_between_paths():
-    plan = pt.plan_table("tiny", ALL, [0, 1, 2], ablation=True)
+    plan = pp.plan_table("tiny", ALL, [0, 1, 2], ablation=True)
     trained = [s.target for s in plan.steps if s.action == "train"]
     assert len(trained) == len(set(trained)) == len(plan.runs)
     assert sorted(e.target for e in plan.steps if e.action == "evaluate") == sorted(trained)
@@ -48,7 +49,7 @@ def test_plan_of_all_paths_trains_each_run_once_and_shares_baselines_between_pat
     teachers = {c.path: c.run for c in plan.cells if c.role == "teacher"}
     assert teachers == {"lidar_to_camera": "tiny_lidar", "fusion_to_camera": "tiny_fusion",
                         "camera_to_lidar": "tiny_camera", "fusion_to_lidar": "tiny_fusion"}
-    assert plan.runs["tiny_fusion_to_lidar_seed2"] == pt.Run("tiny_fusion_to_lidar_seed2", "tiny_fusion_to_lidar",
+    assert plan.runs["tiny_fusion_to_lidar_seed2"] == pp.Run("tiny_fusion_to_lidar_seed2", "tiny_fusion_to_lidar",
                                                              2, "fusion")
     assert len(plan.cells) == 4 * (1 + 3 + 3)
     # dependencies: a run is evaluated after it trains, a cache follows its teacher, a student its cache
@@ -63,43 +64,43 @@ def test_plan_of_all_paths_trains_each_run_once_and_shares_baselines_between_pat
 
 
 def test_plan_needs_only_the_detectors_its_paths_use():
-    plan = pt.plan_table("tiny", ["fusion_to_lidar"], [1], ablation=False)
+    plan = pp.plan_table("tiny", ["fusion_to_lidar"], [1], ablation=False)
     # the fusion teacher (cached), no seed-0 LiDAR baseline (seed 0 is not asked for), no camera at all
     assert [s.target for s in plan.steps if s.action == "train"] == ["tiny_fusion", "tiny_lidar_seed1",
                                                                        "tiny_fusion_to_lidar_seed1"]
     assert plan.caches == {"fusion": "tiny_fusion"}
-    assert pt.Run("x", "tiny_lidar", 1).overrides(["train.epochs=1"]) == ["train.epochs=1", "train.seed=1"]
-    assert pt.Run("x", "tiny_lidar", 0).overrides(["train.epochs=1"]) == ["train.epochs=1"]
+    assert pp.Run("x", "tiny_lidar", 1).overrides(["train.epochs=1"]) == ["train.epochs=1", "train.seed=1"]
+    assert pp.Run("x", "tiny_lidar", 0).overrides(["train.epochs=1"]) == ["train.epochs=1"]
 
 
 def test_ablation_is_one_sweep_of_the_three_losses_alone_and_all_three_reusing_the_seed0_student():
-    plan = pt.plan_table("tiny", ["lidar_to_camera"], [0, 1], ablation=True)
+    plan = pp.plan_table("tiny", ["lidar_to_camera"], [0, 1], ablation=True)
     variants = {v["name"]: v for v in plan.ablation_variants}
     assert sorted(variants) == ["all_losses", "feature_only", "relation_only", "response_only"]
     assert variants["all_losses"]["run"] == "tiny_lidar_to_camera" and variants["all_losses"]["overrides"] == []
     assert "distill.feature.enabled=false" in variants["relation_only"]["overrides"]
     assert all("run" not in v for n, v in variants.items() if n != "all_losses")
     assert plan.steps[-1].eta.count("train camera distilled") == 3  # the all-losses student is the table's
-    without_seed0 = pt.plan_table("tiny", ["lidar_to_camera"], [1], ablation=True)
+    without_seed0 = pp.plan_table("tiny", ["lidar_to_camera"], [1], ablation=True)
     assert all("run" not in v for v in without_seed0.ablation_variants)
     with pytest.raises(ConfigError, match="lidar_to_camera"):
-        pt.plan_table("tiny", ["camera_to_lidar"], [0], ablation=True)
+        pp.plan_table("tiny", ["camera_to_lidar"], [0], ablation=True)
 
 
 def test_paths_seeds_and_presets_are_checked_with_clear_messages():
-    assert pt.parse_paths(" camera_to_lidar,lidar_to_camera ") == ["camera_to_lidar", "lidar_to_camera"]
-    assert pt.parse_seeds("0, 2,1") == [0, 2, 1]
+    assert pp.parse_paths(" camera_to_lidar,lidar_to_camera ") == ["camera_to_lidar", "lidar_to_camera"]
+    assert pp.parse_seeds("0, 2,1") == [0, 2, 1]
     with pytest.raises(ConfigError, match=r"unknown path 'lidar_to_radar'; allowed: lidar_to_camera, fusion_to_camera"):
-        pt.parse_paths("lidar_to_camera,lidar_to_radar")
+        pp.parse_paths("lidar_to_camera,lidar_to_radar")
     with pytest.raises(ConfigError, match="twice"):
-        pt.parse_paths("lidar_to_camera,lidar_to_camera")
+        pp.parse_paths("lidar_to_camera,lidar_to_camera")
     for bad in ("0,x", "-1", "1.5", ""):
         with pytest.raises(ConfigError, match="non-negative integers"):
-            pt.parse_seeds(bad)
-    pt.check_preset("nuscenes", ALL)
+            pp.parse_seeds(bad)
+    pp.check_preset("nuscenes", ALL)
     with pytest.raises(ConfigError, match=r"--preset 'wee'.* no wee_lidar, wee_camera, wee_lidar_to_camera;"
                                           r" presets with every config these paths need: nuscenes, (.+, )?tiny"):
-        pt.check_preset("wee", ["lidar_to_camera"])
+        pp.check_preset("wee", ["lidar_to_camera"])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -165,7 +166,7 @@ def test_one_seed_has_no_std_and_no_clear_gain_verdict(tmp_path):
 def test_outputs_of_a_finished_plan_carry_table_detection_config_and_ablation(tmp_path):
     from pipeline.evaluation.devkit_metrics import detection_config
 
-    plan = pt.plan_table("tiny", ["lidar_to_camera"], [0, 1], ablation=True)
+    plan = pp.plan_table("tiny", ["lidar_to_camera"], [0, 1], ablation=True)
     runner = pt.TableRunner(plan, tmp_path, tmp_path / "nuscenes", "v1.0-mini")
     config = detection_config({"max_range": 40}).serialize()
     scores = {"tiny_lidar": 0.5, "tiny_camera": 0.1, "tiny_camera_seed1": 0.12, "tiny_lidar_to_camera": 0.2,
@@ -212,13 +213,13 @@ def test_generated_dataset_is_reused_only_when_made_with_the_same_settings():
     assert dataset_matches(meta, dict(version="v1.0-trainval", scenes=3, val_scenes=1, samples_per_scene=10))
     assert dataset_matches(meta, dict(image_size=(800, 450), seed=0))
     assert not dataset_matches(meta, dict(version="v1.0-trainval", scenes=4))
-    tiny = pt.table_dataset("tiny")
+    tiny = pp.table_dataset("tiny")
     assert dataset_matches({"seed": 0, "samples_per_scene": 10}, tiny | {"version": "v1.0-mini"})
     assert not dataset_matches({"seed": 1, "samples_per_scene": 10}, tiny)
     # The small presets' table trains on the larger trainval-format set they were tuned on.
-    small = pt.table_dataset("small")
+    small = pp.table_dataset("small")
     assert small["version"] == "v1.0-trainval" and small["scenes"] == 80 and small["image_size"] == (400, 225)
-    assert pt.table_dataset("nuscenes") == tiny
+    assert pp.table_dataset("nuscenes") == tiny
 
 
 @pytest.mark.slow

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from models.bev_grid import BEVGrid
-from models.center_head import ideal_outputs
 from models.detector import build_detector
+from models.head_coding import ideal_outputs
 from pipeline.cache import store
 from pipeline.cache.reader import CacheReader
 from pipeline.cache.schema import CacheError, CacheMismatchError

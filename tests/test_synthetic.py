@@ -23,10 +23,11 @@ from pipeline.evaluation.results import lidar_boxes_to_results, write_results_js
 from pipeline.synthetic import camera as synth_camera
 from pipeline.synthetic import format_summary, generate, summarize
 from pipeline.synthetic.__main__ import main as synthetic_main
+from pipeline.synthetic.placement import build_world
 from pipeline.synthetic.rig import CAMERAS
 from pipeline.synthetic.scenes import LOCATIONS, PROFILES, check_scene_counts, trainval_scenes
+from pipeline.synthetic.scenes import SCENES
 from pipeline.synthetic.tokens import make_rng
-from pipeline.synthetic.world import SCENES, build_world
 
 from tests.conftest import SMALL_DATASET
 

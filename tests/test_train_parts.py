@@ -176,3 +176,23 @@ def test_train_teacher_stage_refuses_before_anything_starts(tmp_path):
                                              "--output", str(tmp_path / "run")])
     assert code == 2 and "--set model.camera_encoder.pretrained=PATH" in err.getvalue(), err.getvalue()
     assert not (tmp_path / "run").exists()
+
+
+def test_stage_errors_bad_input_in_one_line_and_bugs_with_their_traceback(capsys):
+    from models.checkpoint import CheckpointError
+    from models.errors import UserError
+    from pipeline.cache.schema import CacheError
+    from pipeline.config import ConfigError
+    from pipeline.data.nusc_db import DatasetError
+    from stages._cli import run_main
+
+    for error in (ConfigError, DatasetError, CacheError, CheckpointError, UserError, FileNotFoundError):
+        def main(argv, error=error):
+            raise error(f"bad {error.__name__}")
+        assert run_main(main, []) == 2
+        assert capsys.readouterr().err == f"error: bad {error.__name__}\n"
+    for bug in (KeyError, ValueError, TypeError):  # a bug keeps its traceback, even a ValueError
+        def main(argv, bug=bug):
+            raise bug("a bug")
+        with pytest.raises(bug):
+            run_main(main, [])

@@ -148,7 +148,8 @@ def test_workers_and_loaders_read_the_drivers_index_and_never_build_one(ray_clus
     import shutil
 
     from pipeline.data import index as index_mod
-    from pipeline.cache.writer import build_cache
+    from pipeline.cache.build import build_cache
+    from pipeline.cache.plan import CacheRequest
     from pipeline.config import load_config
     from pipeline.engine.detection_task import detection_task
     from pipeline.engine.trainer import fit
@@ -158,8 +159,8 @@ def test_workers_and_loaders_read_the_drivers_index_and_never_build_one(ray_clus
     driver_cache = tmp_path / "driver_cache"
     monkeypatch.setenv("XDG_CACHE_HOME", str(driver_cache))  # this process only: the workers run elsewhere
     monkeypatch.setattr(index_mod, "_writable", lambda folder: False)
-    build_cache(str(tiny_teacher), str(root), "v1.0-mini", "mini_val", str(tmp_path / "cache"), shard_samples=2,
-                loaders=2)
+    build_cache(CacheRequest(str(tiny_teacher), str(root), "v1.0-mini", "mini_val", str(tmp_path / "cache"), shard_samples=2,
+                loaders=2))
     cfg = load_config("tiny_lidar", ["train.epochs=1", "train.batch_size=2", "runtime.loader_workers=1"])
     fit(cfg, str(root), "v1.0-mini", "mini_val", str(tmp_path / "run"), detection_task)
     assert not (root / ".index").exists(), "no worker, actor or loader built an index of its own"

@@ -96,3 +96,18 @@ def render(uri: str, token: str, view: int, out_path: str | Path, gt_boxes: np.n
     panels = [("low |mean|", np.abs(maps["low"]).mean(axis=0)), ("high |mean|", np.abs(maps["high"]).mean(axis=0)),
               ("heat map (class max)", heat)]
     return render_bev_maps(out_path, grid, panels, gt_boxes)
+
+
+def run_check(uri: str, verify_cache: bool = False, describe_cache: bool = False, render_token: str | None = None,
+              view: int = 0, out_path: str | Path = "cache_render.png") -> int:
+    """`stages/cache_teacher.py --verify | --inspect | --render`: print the report; exit status 1
+    when --verify finds a bad or missing shard, else 0."""
+    if verify_cache:
+        report = verify(uri)
+        print(format_verify(report))
+        return 1 if report["bad"] or report["missing"] else 0
+    if describe_cache:
+        print(format_describe(describe(uri)))
+    if render_token:
+        print(f"wrote {render(uri, render_token, view, out_path)}")
+    return 0

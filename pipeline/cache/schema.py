@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from models.classes import CLASS_NAMES, NUM_CLASSES, NUM_REGRESSION, regression_channel_names
+from models.errors import UserError
 
 SCHEMA_VERSION = 1
 MAP_NAMES: tuple[str, ...] = ("low", "high", "heatmap", "regression")
@@ -38,7 +39,7 @@ MANIFEST_FILE = "manifest.parquet"
 MARKER_DIR = "shards"
 
 
-class CacheError(ValueError):
+class CacheError(UserError):
     """A cache is missing, incomplete, corrupt, or does not fit what is asked of it."""
 
 

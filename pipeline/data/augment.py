@@ -14,6 +14,8 @@ from typing import Any, Mapping
 import cv2
 import numpy as np
 
+from pipeline.config import ConfigError
+
 IDA_KEYS = ("resize_lim", "bot_pct_lim", "rot_lim", "flip")
 BDA_KEYS = ("rot_lim", "scale_lim", "trans_std", "flip_x_prob", "flip_y_prob")
 
@@ -21,7 +23,7 @@ BDA_KEYS = ("rot_lim", "scale_lim", "trans_std", "flip_x_prob", "flip_y_prob")
 def _require(cfg: Mapping[str, Any], keys: tuple[str, ...], section: str) -> None:
     missing = [k for k in keys if k not in cfg]
     if missing:
-        raise KeyError(f"{section} config: missing keys {missing} (expected {list(keys)})")
+        raise ConfigError(f"{section} config: missing keys {missing} (expected {list(keys)})")
 
 
 def _affine2d(linear: np.ndarray, shift: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 
 from pipeline.data.index import load_index
 from pipeline.data.loading import RAW_POINT_DIM, camera_slots
+from pipeline.data.nusc_db import DatasetError
 
 POINT_RECORD_BYTES = RAW_POINT_DIM * 4  # x, y, z, intensity, ring as float32
 # How whole image files end (the last bytes of a file cut off mid-copy are something else).
@@ -84,7 +85,7 @@ def check_split_files(dataroot: str | Path, version: str, split: str, cfg: Mappi
     if problems:
         listed = "\n  ".join(problems[:SHOWN])
         more = f"\n  ... and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
-        raise ValueError(f"{len(problems)} of the {len(files)} sensor files of {version} {split} under {root} are "
+        raise DatasetError(f"{len(problems)} of the {len(files)} sensor files of {version} {split} under {root} are "
                          f"missing or truncated:\n  {listed}{more}")
     return len(files)
 

@@ -50,6 +50,7 @@ from nuscenes.nuscenes import NuScenes
 from nuscenes.utils.geometry_utils import transform_matrix
 from pyquaternion import Quaternion
 
+from pipeline.config import ConfigError
 from pipeline.data import nusc_db
 
 INDEX_SCHEMA_VERSION = "2"  # 2: vertical velocity dropped before the rotation into the LiDAR frame
@@ -259,7 +260,7 @@ def build_index(dataroot: str | Path, version: str, split: str, cache_dir: str |
     root = nusc_db.check_dataroot(dataroot, version)
     nusc_db.check_split(version, split)
     if max_sweeps < 0:
-        raise ValueError(f"max_sweeps must be >= 0, got {max_sweeps}")
+        raise ConfigError(f"max_sweeps must be >= 0, got {max_sweeps}")
     path = index_path(root, version, split, cache_dir, max_sweeps)
     expected = _metadata(root, version, split, max_sweeps)
     if not rebuild:

@@ -27,6 +27,8 @@ import cv2
 import numpy as np
 
 from models.classes import CLASS_INDEX
+from pipeline.config import ConfigError
+from pipeline.data.nusc_db import DatasetError
 from pipeline.data.sample import BOX_DIM, Sample
 
 # nuScenes .pcd.bin rows: x, y, z, intensity, ring index (float32).
@@ -44,7 +46,7 @@ def read_points(path: Path, token: str) -> np.ndarray:
     except FileNotFoundError:
         raise _missing(path, token) from None
     if raw.size % RAW_POINT_DIM:
-        raise ValueError(f"sample {token}: point file {str(path)!r} holds {raw.size} floats, "
+        raise DatasetError(f"sample {token}: point file {str(path)!r} holds {raw.size} floats, "
                          f"not a multiple of {RAW_POINT_DIM}")
     return raw.reshape(-1, RAW_POINT_DIM)
 
@@ -55,7 +57,7 @@ def read_image(path: Path, token: str) -> np.ndarray:
     if img is None:
         if not path.is_file():
             raise _missing(path, token)
-        raise ValueError(f"sample {token}: image {str(path)!r} could not be decoded")
+        raise DatasetError(f"sample {token}: image {str(path)!r} could not be decoded")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
@@ -69,7 +71,7 @@ def sweep_padding(cfg_data: Mapping[str, Any]) -> str:
     """The config's sweep padding; configs saved before the setting existed loaded no padding."""
     value = cfg_data.get("lidar_sweep_padding", "none")
     if value not in SWEEP_PADDING:
-        raise ValueError(f"data.lidar_sweep_padding: {value!r} is not one of {SWEEP_PADDING}")
+        raise ConfigError(f"data.lidar_sweep_padding: {value!r} is not one of {SWEEP_PADDING}")
     return value
 
 
@@ -100,7 +102,7 @@ def camera_slots(row: Mapping[str, Any], cameras: Sequence[str]) -> list[int]:
     names = list(row["cam_names"])
     missing = [c for c in cameras if c not in names]
     if missing:
-        raise KeyError(f"sample {row['token']}: cameras {missing} not in its data (has {names})")
+        raise DatasetError(f"sample {row['token']}: cameras {missing} not in its data (has {names})")
     return [names.index(c) for c in cameras]
 
 
@@ -109,7 +111,7 @@ def load_images(row: Mapping[str, Any], dataroot: Path, slots: Sequence[int]) ->
     imgs = [read_image(dataroot / row["cam_paths"][s], row["token"]) for s in slots]
     shapes = {im.shape for im in imgs}
     if len(shapes) > 1:
-        raise ValueError(f"sample {row['token']}: camera images differ in size {sorted(shapes)}; "
+        raise DatasetError(f"sample {row['token']}: camera images differ in size {sorted(shapes)}; "
                          f"expected one size for all cameras")
     return np.stack(imgs)
 

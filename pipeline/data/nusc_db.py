@@ -14,6 +14,14 @@ from pathlib import Path
 from nuscenes.nuscenes import NuScenes
 from nuscenes.utils.splits import create_splits_scenes
 
+from models.errors import UserError
+
+
+class DatasetError(UserError):
+    """A dataroot, nuScenes table, version, split or sensor file is missing, malformed or does not
+    fit the job; the message names it and what was expected."""
+
+
 VERSIONS: tuple[str, ...] = ("v1.0-mini", "v1.0-trainval", "v1.0-test")
 # The tables NuScenes(...) loads unconditionally, as <dataroot>/<version>/<name>.json.
 TABLES: tuple[str, ...] = (
@@ -32,9 +40,9 @@ _LOCK = threading.Lock()
 
 
 def check_version(version: str) -> str:
-    """Return `version` if it is a known nuScenes version, else raise ValueError naming the allowed ones."""
+    """Return `version` if it is a known nuScenes version, else raise DatasetError naming the allowed ones."""
     if version not in VERSIONS:
-        raise ValueError(f"nuScenes version {version!r} is unknown; expected one of {list(VERSIONS)}")
+        raise DatasetError(f"nuScenes version {version!r} is unknown; expected one of {list(VERSIONS)}")
     return version
 
 
@@ -70,7 +78,7 @@ def _check_maps(nusc_root: Path, version: str) -> None:
     path = table_path(nusc_root, version, "map")
     records = _read_table(path)
     if not records:
-        raise ValueError(f"nuScenes table {str(path)!r} is empty; the devkit needs at least one map record")
+        raise DatasetError(f"nuScenes table {str(path)!r} is empty; the devkit needs at least one map record")
     for rec in records:
         png = nusc_root / rec.get("filename", "")
         if not png.is_file():
@@ -117,7 +125,7 @@ def _read_table(path: Path) -> list:
         with open(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"nuScenes table {str(path)!r} is not valid JSON: {e}") from e
+        raise DatasetError(f"nuScenes table {str(path)!r} is not valid JSON: {e}") from e
 
 
 def open_nuscenes(dataroot: str | Path, version: str, verbose: bool = False) -> NuScenes:
@@ -142,7 +150,7 @@ def open_nuscenes(dataroot: str | Path, version: str, verbose: bool = False) -> 
             except (AssertionError, FileNotFoundError) as e:
                 problem = lidar_addon_problem(root, version)  # error path only: name what is half there
                 if problem:
-                    raise ValueError(problem) from e
+                    raise DatasetError(problem) from e
                 raise
             _CACHE[key] = nusc
     return nusc
@@ -160,10 +168,10 @@ def forget_nuscenes(dataroot: str | Path | None = None) -> None:
 
 
 def check_split(version: str, split: str) -> str:
-    """Return `split` if it is a detection split of `version`, else raise ValueError naming the valid ones."""
+    """Return `split` if it is a detection split of `version`, else raise DatasetError naming the valid ones."""
     valid = SPLITS_OF_VERSION[check_version(version)]
     if split not in valid:
-        raise ValueError(f"split {split!r} is not valid for nuScenes {version}; valid splits: {list(valid)}")
+        raise DatasetError(f"split {split!r} is not valid for nuScenes {version}; valid splits: {list(valid)}")
     return split
 
 
@@ -171,3 +179,16 @@ def split_scenes(version: str, split: str) -> list[str]:
     """Scene names of a split (devkit's fixed lists), after checking the split belongs to the version."""
     check_split(version, split)
     return list(create_splits_scenes()[split])
+
+
+def default_split(version: str, purpose: str = "train") -> str:
+    """The split a job uses when none is given: a version's training split ('mini_train',
+    'train') for training and caching, its last split ('mini_val', 'val', 'test') for evaluation."""
+    splits = SPLITS_OF_VERSION[check_version(version)]
+    if purpose == "eval":
+        return splits[-1]
+    if purpose != "train":
+        raise ValueError(f"default_split: purpose must be 'train' or 'eval', got {purpose!r}")
+    if len(splits) < 2:
+        raise DatasetError(f"nuScenes {version} has no annotated training split (splits: {list(splits)})")
+    return splits[0]

@@ -217,7 +217,7 @@ def plan_student(cfg: Mapping[str, Any], version: str, split: str, tokens: Seque
     loaded strictly and must share the student's input settings.
     """
     if bool(cache) == bool(teacher):
-        raise ValueError("give exactly one of --cache (cached teacher targets) and --teacher (online teacher)")
+        raise ConfigError("give exactly one of --cache (cached teacher targets) and --teacher (online teacher)")
     student = build_detector(cfg)
     if cache:
         reader = CacheReader(cache)

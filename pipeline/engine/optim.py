@@ -13,6 +13,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from pipeline.config import ConfigError
+
 SCHEDULES = ("onecycle", "step")
 LR_SCALING = ("linear", "none")
 
@@ -21,7 +23,7 @@ def scaled_lr(train_cfg: Mapping[str, Any], global_batch: int) -> float:
     """The peak learning rate for `global_batch` samples per step under the config's scaling rule."""
     rule = train_cfg["lr_scaling"]
     if rule not in LR_SCALING:
-        raise ValueError(f"train.lr_scaling: {rule!r} is not one of {LR_SCALING}")
+        raise ConfigError(f"train.lr_scaling: {rule!r} is not one of {LR_SCALING}")
     lr = float(train_cfg["lr"])
     if rule == "linear":
         lr *= global_batch / float(train_cfg["lr_reference_batch"])
@@ -52,9 +54,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg: Mapping[str, An
     kind = train_cfg["schedule"]
     epochs = int(train_cfg["epochs"])
     if kind not in SCHEDULES:
-        raise ValueError(f"train.schedule: {kind!r} is not one of {SCHEDULES}")
+        raise ConfigError(f"train.schedule: {kind!r} is not one of {SCHEDULES}")
     if steps_per_epoch < 1 or epochs < 1:
-        raise ValueError(f"training needs at least one step and one epoch, got {steps_per_epoch} steps "
+        raise ConfigError(f"training needs at least one step and one epoch, got {steps_per_epoch} steps "
                          f"per epoch and {epochs} epochs")
     total = steps_per_epoch * epochs
     if kind == "onecycle":

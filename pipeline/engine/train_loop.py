@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from pipeline import storage
 from pipeline.data.collate import collate
+from pipeline.data.nusc_db import DatasetError
 from pipeline.engine.optim import build_optimizer, build_scheduler, clip_gradients, describe_lr, scaled_lr
 from pipeline.engine.precise_bn import recompute_bn_stats
 from pipeline.engine.run_log import METRICS_FILE, TENSORBOARD_DIR, MetricsLog
@@ -155,7 +156,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         worker_init_fn=task.worker_init_fn)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
-        raise ValueError(f"split {config['split']!r} has {len(task.dataset)} samples: too few for "
+        raise DatasetError(f"split {config['split']!r} has {len(task.dataset)} samples: too few for "
                          f"{world} workers x batch {batch_size}")
     lr = scaled_lr(tr, batch_size * world)
     optimizer = build_optimizer(list(model.parameters()) + list(extra.parameters()), tr, lr)

@@ -35,14 +35,6 @@ MODEL_FILE = "model.pt"
 CHECKPOINTS_KEPT = 2
 
 
-def default_train_split(version: str) -> str:
-    """The training split of a nuScenes version ('mini_train' or 'train')."""
-    splits = nusc_db.SPLITS_OF_VERSION[nusc_db.check_version(version)]
-    if len(splits) < 2:
-        raise ValueError(f"nuScenes {version} has no annotated training split (splits: {list(splits)})")
-    return splits[0]
-
-
 def check_pretrained_backbone(cfg: Mapping[str, Any]) -> None:
     """Refuse to train a camera or fusion detector from a random ResNet when its config asks for
     ImageNet weights (`train.require_pretrained_backbone`, on in the nuscenes camera and fusion
@@ -119,7 +111,7 @@ def fit(cfg: Mapping[str, Any], dataroot: str | Path, version: str, split: str, 
     # workers only read the Parquet file.
     index = build_index(root, version, split, max_sweeps=index_sweeps(cfg))
     if not pc.sum(pc.list_value_length(index.column("gt_boxes"))).as_py():
-        raise ValueError(f"split {split} of {version} at {root} has no annotations (the test split's boxes "
+        raise nusc_db.DatasetError(f"split {split} of {version} at {root} has no annotations (the test split's boxes "
                          f"are withheld): a detector trains on an annotated split (train, mini_train)")
     rt = cfg["runtime"]
     run_identity = {"dataroot": root, "version": version, "split": split, **dict(identity or {})}

@@ -21,6 +21,7 @@ from nuscenes.eval.detection.evaluate import DetectionEval
 from nuscenes.nuscenes import NuScenes
 
 from models.classes import CLASS_NAMES
+from pipeline.config import ConfigError
 from pipeline.data import nusc_db
 
 EVAL_CONFIG = "detection_cvpr_2019"
@@ -40,17 +41,17 @@ def detection_config(eval_cfg: Mapping[str, Any] | None = None) -> DetectionConf
     eval_cfg = dict(eval_cfg or {})
     unknown = set(eval_cfg) - {"detection_config", "max_range"}
     if unknown:
-        raise ValueError(f"eval config: unknown keys {sorted(unknown)} (known: detection_config, max_range)")
+        raise ConfigError(f"eval config: unknown keys {sorted(unknown)} (known: detection_config, max_range)")
     name = eval_cfg.get("detection_config") or EVAL_CONFIG
     try:
         base = config_factory(name)
     except Exception as e:  # the devkit raises a bare AssertionError for an unknown name
-        raise ValueError(f"eval.detection_config {name!r} is not a devkit detection config ({e})") from None
+        raise ConfigError(f"eval.detection_config {name!r} is not a devkit detection config ({e})") from None
     max_range = eval_cfg.get("max_range")
     if max_range is None:
         return base
     if not isinstance(max_range, (int, float)) or isinstance(max_range, bool) or max_range <= 0:
-        raise ValueError(f"eval.max_range must be a positive number of metres or null, got {max_range!r}")
+        raise ConfigError(f"eval.max_range must be a positive number of metres or null, got {max_range!r}")
     fields = base.serialize()
     fields["class_range"] = {k: min(float(v), float(max_range)) for k, v in fields["class_range"].items()}
     return DetectionConfig.deserialize(fields)

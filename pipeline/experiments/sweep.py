@@ -83,9 +83,9 @@ def train_variant(variant: Mapping[str, Any], config: str, cache: str | None, da
     other settings is refused, as fit refuses it). Returns (model file, training seconds, reused):
     a reused run reports the seconds recorded when it trained.
     """
-    from pipeline.engine.distill_task import distill_task, plan_student
-    from pipeline.data.index import load_index
     from pipeline.engine.detection_task import detection_task
+    from pipeline.engine.distill_task import distill_task
+    from pipeline.engine.student import plan_student_run
     from pipeline.engine.trainer import fit
 
     start = time.perf_counter()
@@ -94,8 +94,7 @@ def train_variant(variant: Mapping[str, Any], config: str, cache: str | None, da
     if variant["baseline"]:
         task, loop, identity = detection_task, None, {"stage": "sweep_baseline"}
     else:
-        tokens = [r["token"] for r in load_index(dataroot, version, train_split)]
-        loop, identity = plan_student(cfg, version, train_split, tokens, cache=cache)
+        loop, identity = plan_student_run(cfg, dataroot, version, train_split, cache=cache)
         task = distill_task
     model = finished_model(run, cfg, dataroot, version, train_split, identity)
     reused = model is not None

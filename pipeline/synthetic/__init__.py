@@ -9,9 +9,9 @@ the real thing.
     python -m pipeline.synthetic OUT_DIR --version v1.0-trainval --scenes N [--val-scenes M] ...
 
 Modules: scenes (which scenes a version holds, their locations and ego profiles), world (road,
-ego, objects, clutter in time), lidar and camera (ray casting), rig (sensor calibration), catalog
-(classes, shapes, colours), road (street and ground), scene_writer (files and records of one
-scene), dataset (the whole dataset), summary.
+ego, objects, clutter in time), placement (building a world), lidar and camera (ray casting), rig
+(sensor calibration), catalog (classes, shapes, colours), road (street and ground), scene_writer
+(files and records of one scene), dataset (the whole dataset), summary.
 """
 from pipeline.synthetic.dataset import DEFAULT_IMAGE_SIZE, META_FILE, generate
 from pipeline.synthetic.summary import format_summary, summarize

@@ -19,12 +19,13 @@ from pyquaternion import Quaternion
 
 from pipeline.synthetic import camera, lidar
 from pipeline.synthetic.catalog import visibility_token
+from pipeline.synthetic.placement import build_world
 from pipeline.synthetic.rig import CAMERAS, LIDAR, camera_trigger_offset_us
 from pipeline.synthetic.road import Road
 from pipeline.synthetic.scenes import SceneSpec
 from pipeline.synthetic.tokens import make_rng, make_token
 from pipeline.synthetic.world import (ANNOTATION_RANGE, KEYFRAME_INTERVAL_US, ROAD_MARGIN, SWEEP_INTERVAL_US,
-                                      SWEEPS_PER_INTERVAL, World, build_world)
+                                      SWEEPS_PER_INTERVAL, World)
 
 Record = dict
 

@@ -51,7 +51,7 @@ _LOCATION_WEIGHTS = (0.5, 0.5 / 3, 0.5 / 3, 0.5 / 3)
 
 @dataclass(frozen=True)
 class SceneSpec:
-    """One scene to generate. `index` orders the scenes in time (see world.scene_start_us): the
+    """One scene to generate. `index` orders the scenes in time (see placement.scene_start_us): the
     position in SCENES for mini, in the devkit's train + val lists for trainval."""
 
     name: str

@@ -32,9 +32,11 @@ from pipeline.cache import store  # noqa: E402
 from pipeline.model_files import load_detector  # noqa: E402
 from tests.bench.bench_inputs import dataset_and_teacher  # noqa: E402
 from models.bev_grid import BEVGrid  # noqa: E402
+from pipeline.cache.build import build_cache  # noqa: E402
+from pipeline.cache.plan import CacheRequest, plan_cache  # noqa: E402
+from pipeline.cache.ray_stages import TeacherRunner, _inputs_dataset, write_one_shard  # noqa: E402
 from pipeline.cache.reader import CacheReader  # noqa: E402
 from pipeline.cache.views import foreground_tiles  # noqa: E402
-from pipeline.cache.writer import TeacherRunner, _inputs_dataset, build_cache, plan_cache, write_one_shard  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.collate import collate  # noqa: E402
 from pipeline.engine.detection_task import detection_losses  # noqa: E402
@@ -63,7 +65,7 @@ def teacher_alone(teacher_path: Path, root: Path, batch: int) -> float:
 def caching_rate(teacher_path: Path, root: Path, uri: str, batch: int) -> dict:
     """The Ray Data job's samples/s, end to end and between its first and last durable shard."""
     t0 = time.perf_counter()
-    summary = build_cache(str(teacher_path), str(root), VERSION, SPLIT, uri, shard_samples=4, teacher_batch=batch)
+    summary = build_cache(CacheRequest(str(teacher_path), str(root), VERSION, SPLIT, uri, shard_samples=4, teacher_batch=batch))
     wall = time.perf_counter() - t0
     markers = sorted(store.read_markers(uri).values(), key=lambda m: m["time"])
     span = markers[-1]["time"] - markers[0]["time"]
@@ -223,7 +225,7 @@ def main() -> None:
     tiles = tile_reads(teacher, root, Path(tmp.name))
     print("random reads by chunk tile (dense float16): " + ", ".join(f"{t} cells {r:.1f} samples/s"
                                                                     for t, r in tiles.items()))
-    from pipeline.cache.writer import default_tile
+    from pipeline.cache.plan import default_tile
 
     nus_tile = default_tile(BEVGrid.from_config(load_config("nuscenes")["grid"]), "foreground")
     fg = nuscenes_foreground_fraction(root, nus_tile)

@@ -26,9 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from models.detector import build_detector  # noqa: E402
 from models.distill import box_keypoints, sample_at_keypoints  # noqa: E402
+from pipeline.cache.build import build_cache  # noqa: E402
+from pipeline.cache.plan import CacheRequest  # noqa: E402
 from pipeline.cache.reader import CacheReader, loader_worker_init  # noqa: E402
 from pipeline.cache.warp import warp_teacher_maps  # noqa: E402
-from pipeline.cache.writer import build_cache  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.collate import collate  # noqa: E402
 from pipeline.data.dataset import DetectionDataset  # noqa: E402
@@ -122,7 +123,7 @@ def main() -> None:
     with ray_session(num_cpus=2):
         caches = {k: str(Path(tmp.name) / f"cache{k}") for k in (1, 2)}
         for k, uri in caches.items():
-            build_cache(str(teacher_path), str(root), VERSION, SPLIT, uri, views=k, shard_samples=8)
+            build_cache(CacheRequest(str(teacher_path), str(root), VERSION, SPLIT, uri, views=k, shard_samples=8))
 
     cfg = load_config(args.student, ["train.batch_size=%d" % args.batch_size])
     tokens = [r["token"] for r in load_index(root, VERSION, SPLIT)]
