@@ -14,14 +14,10 @@ import torch
 from torch import nn
 
 from models.errors import UserError
+from models.layers import conv_bn_relu
 
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01
-
-
-def _conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
-            nn.BatchNorm2d(c_out, eps=BN_EPS, momentum=BN_MOMENTUM), nn.ReLU()]
 
 
 class BEVEncoder(nn.Module):
@@ -55,9 +51,9 @@ class BEVEncoder(nn.Module):
         c_prev, total_stride = c_in, 1
         for num, stride, c, c_up in zip(layer_nums, layer_strides, num_filters, num_upsample_filters):
             total_stride *= int(stride)
-            layers = _conv_bn_relu(c_prev, c, int(stride))
+            layers = conv_bn_relu(c_prev, c, int(stride), BN_EPS, BN_MOMENTUM)
             for _ in range(num):
-                layers += _conv_bn_relu(c, c)
+                layers += conv_bn_relu(c, c, 1, BN_EPS, BN_MOMENTUM)
             self.blocks.append(nn.Sequential(*layers))
             self.deblocks.append(nn.Sequential(
                 nn.ConvTranspose2d(c, c_up, total_stride, stride=total_stride, bias=False),

@@ -25,14 +25,10 @@ from models.classes import NUM_CLASSES, REGRESSION_CHANNELS, REGRESSION_PER_TASK
 from models.errors import UserError
 from models.head_coding import (BOX_CODE_SIZE, IOU_CHANNEL, TASK_OF_CLASS, TASK_OFFSETS, HeadTargets, decode_boxes,
                                 encode_boxes, split_heatmap)
+from models.layers import conv_bn_relu
 
 
 # --- layers --------------------------------------------------------------------------------------
-def _conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
-                         nn.ReLU(inplace=True))
-
-
 class SepHead(nn.Module):
     """One task's branches: for each of reg 2, height 1, dim 3, rot 2, vel 2, iou 1 and hm n_cls,
     Conv3x3 + BN + ReLU then Conv3x3 to the branch's channels. Regression convs are Kaiming-normal
@@ -51,7 +47,7 @@ class SepHead(nn.Module):
     def __init__(self, c_in: int, num_classes: int, c_head: int = 64, hm_bias: float = -2.19) -> None:
         super().__init__()
         outs = dict(REGRESSION_CHANNELS, hm=num_classes)
-        self.branches = nn.ModuleDict({name: nn.Sequential(_conv_bn_relu(c_in, c_head),
+        self.branches = nn.ModuleDict({name: nn.Sequential(nn.Sequential(*conv_bn_relu(c_in, c_head, inplace=True)),
                                                            nn.Conv2d(c_head, n, 3, padding=1))
                                        for name, n in outs.items()})
         for name, branch in self.branches.items():
@@ -112,7 +108,7 @@ class CenterHead(nn.Module):
         if num_candidates < 1:
             raise UserError(f"CenterHead: num_candidates must be >= 1, got {num_candidates}")
         self.grid = grid
-        self.shared = _conv_bn_relu(c_in, c_shared)
+        self.shared = nn.Sequential(*conv_bn_relu(c_in, c_shared, inplace=True))
         self.tasks = nn.ModuleList(SepHead(c_shared, len(names), c_head) for names in TASKS)
         # Learnable uncertainty weights of (heat map, box, IoU-aware) losses, shared by all tasks.
         self.uncertainty = nn.Parameter(torch.ones(3))
