@@ -8,7 +8,7 @@ from nuscenes.utils.data_classes import Box
 from nuscenes.utils.geometry_utils import points_in_box
 from pyquaternion import Quaternion
 
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.data.augment import (bev_aug_matrix, image_aug_matrix, transform_boxes, transform_points,
                               warp_image)
 from pipeline.data.collate import collate
@@ -124,7 +124,7 @@ def test_bev_matrix_ranges_and_seeding():
     assert (dets < 0).any() and (dets > 0).any()  # one flip mirrors, none or both do not
     z = np.array([m[2, 2] for m in mats])
     np.testing.assert_allclose(z, scales)  # rotation about z only
-    with pytest.raises(KeyError, match="scale_lim"):
+    with pytest.raises(ConfigError, match="scale_lim"):
         bev_aug_matrix(None, {k: v for k, v in BDA.items() if k != "scale_lim"})
 
 
