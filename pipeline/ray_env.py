@@ -5,7 +5,8 @@ Order of preference (DESIGN §4):
 2. a cluster already running on this machine (`cluster/local_cluster.sh start`, or any `ray start`),
    never another process's in-process cluster (it would die with that process);
 3. a new single-node cluster inside this process, bound to 127.0.0.1 only (DESIGN §5), which is
-   stopped again when the stage ends.
+   stopped again when the stage ends. `--address local` (or RAY_ADDRESS=local) skips step 2:
+   a job that must not share, e.g. beside a test suite's cluster whose token it does not hold.
 
 Every cluster the project starts uses Ray's token authentication (RAY_AUTH_MODE=token): whoever can
 reach a dashboard or GCS port without the token can run nothing. The token is this user's Ray
@@ -186,7 +187,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log: bool 
 
     Args:
         address: a Ray address ('auto', '127.0.0.1:6379', 'ray://...'); None follows RAY_ADDRESS
-            or a running local cluster, else starts one.
+            or a running local cluster, else starts one; 'local' always starts one.
         num_cpus: CPUs of a cluster started here (default: all of this machine's).
     """
     loopback_environment()
@@ -199,6 +200,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log: bool 
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
         address = _running_local_cluster()
+    elif address == "local":  # a cluster of this process's own, whatever else runs on the machine
+        address = None
+        os.environ.pop("RAY_ADDRESS", None)  # Ray would read it again below, and its workers after it
     if address is not None:
         ray.init(address=address, log_to_driver=log, runtime_env=job_runtime_env(address) or None)
         return False

@@ -1,6 +1,7 @@
 """cluster/local_cluster.sh: stop leaves none of its cluster's processes behind, and only its own."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -131,6 +132,24 @@ def test_a_cluster_of_the_script_refuses_clients_without_its_token(ray_cluster):
     assert accepted.returncode == 0, accepted.stdout[-2000:] + accepted.stderr[-2000:]
     assert os.environ["RAY_AUTH_MODE"] == "token"
 
+
+
+def test_address_local_starts_a_cluster_of_its_own_beside_a_running_one(ray_cluster, tmp_path):
+    """RAY_ADDRESS=local (or --address local): a job that holds another token than the running
+    `ray start` cluster (here the test session's) starts its own instead of failing to join it."""
+    from pipeline.ray_env import _running_local_cluster
+
+    assert _running_local_cluster() is not None, "the session's cluster is running"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_ADDRESS="local", RAY_AUTH_TOKEN_PATH=str(tmp_path / "other_token"))
+    code = ("import pipeline.ray_env as e, ray, os; started = e.init_ray(num_cpus=1, log=False); "
+            "print(started, ray.get(ray.remote(lambda: 6 * 7).remote()), os.environ.get('RAY_ADDRESS'), "
+            "ray.get_runtime_context().gcs_address, flush=True); ray.shutdown()")
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    started, answer, left, gcs = done.stdout.strip().splitlines()[-1].split()
+    assert (started, answer, left) == ("True", "42", "None")
+    assert gcs != ray_cluster["address"] and gcs.startswith("127.0.0.1:")
 
 def test_the_auth_token_is_generated_once_and_private(tmp_path, monkeypatch, capsys):
     import os
