@@ -58,7 +58,8 @@ def add_config_args(ap: argparse.ArgumentParser) -> None:
 def add_ray_args(ap: argparse.ArgumentParser) -> None:
     """--address of a Ray cluster."""
     ap.add_argument("--address", default=None,
-                    help="Ray cluster address (default: RAY_ADDRESS, a running local cluster, or a new local one)")
+                    help="Ray cluster address (default: RAY_ADDRESS, a running local cluster, or a new local one; "
+                         "'local': always a new local one)")
 
 
 def apply_ray_address(address: str | None) -> None:
