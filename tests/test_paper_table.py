@@ -258,7 +258,7 @@ def test_one_path_one_seed_end_to_end_then_all_reused(ray_cluster, nusc_root, tm
     # The ablation's sweep, cut to its all-losses variant: the table's seed-0 student, found finished.
     grid = tmp_path / "grid.yaml"
     grid.write_text("variants:\n  - {name: all_losses}\n  - {name: baseline, baseline: true}\n")
-    monkeypatch.setattr(pt, "ABLATION_GRID", grid)
+    monkeypatch.setattr(pp, "ABLATION_GRID", grid)
     stage.main([a if a != "--no-ablation" else "--ablation" for a in argv])
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert "| all_losses | distilled |" in (out / "ablation" / "results.md").read_text()
