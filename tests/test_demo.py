@@ -22,3 +22,13 @@ def test_a_reused_step_reports_the_time_it_took_when_it_ran(tmp_path):
     assert "cache" not in again.seconds  # ... and it is not kept as the step's time
     assert again.record("train teacher", 250.0, reused=False) == 250.0  # trained again: the new time is kept
     assert StepTimes(tmp_path / "timings.json").seconds["train teacher"] == 250.0
+
+
+def test_markdown_table_lines_and_row_width_check():
+    import pytest
+
+    from pipeline.evaluation.report import markdown_table
+
+    assert markdown_table(["a", "b"], [(1, "x"), (2.5, None)]) == ["| a | b |", "|---|---|", "| 1 | x |", "| 2.5 | None |"]
+    with pytest.raises(ValueError, match="a row has 1 cells for 2 columns"):
+        markdown_table(["a", "b"], [("only",)])

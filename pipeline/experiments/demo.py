@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from pipeline.evaluation.report import markdown_table
 from pipeline.experiments.runs import StepTimes, ensure_dataset, format_seed_table
 from pipeline.synthetic import format_summary
 
@@ -38,12 +39,11 @@ def step(name: str, fn, *args, **kwargs):
 
 def format_table(rows: list[tuple[str, str, dict, float]]) -> str:
     """Markdown table of the demo's models."""
-    lines = ["| model | config | mAP | NDS | mATE | mAOE | mAVE | minutes |", "|---|---|---|---|---|---|---|---|"]
-    for name, config, s, seconds in rows:
-        tp = s["tp_errors"]
-        lines.append(f"| {name} | {config} | {s['mean_ap']:.4f} | {s['nd_score']:.4f} | {tp['trans_err']:.3f} | "
-                     f"{tp['orient_err']:.3f} | {tp['vel_err']:.3f} | {seconds / 60:.1f} |")
-    return "\n".join(lines)
+    return "\n".join(markdown_table(
+        ["model", "config", "mAP", "NDS", "mATE", "mAOE", "mAVE", "minutes"],
+        [(name, config, f"{s['mean_ap']:.4f}", f"{s['nd_score']:.4f}", f"{s['tp_errors']['trans_err']:.3f}",
+          f"{s['tp_errors']['orient_err']:.3f}", f"{s['tp_errors']['vel_err']:.3f}", f"{seconds / 60:.1f}")
+         for name, config, s, seconds in rows]))
 
 
 def run_demo(out: str | Path, dataset_only: bool = False, seeds: int = 1) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from pipeline.evaluation.report import markdown_table
 from pipeline.experiments.runs import mean_std
 
 CSV_COLUMNS = ("path", "role", "seed", "config", "mAP", "NDS", "minutes", "run")
@@ -77,13 +78,11 @@ def format_results_md(rows: Sequence[Mapping[str, Any]], labels: Mapping[str, st
     labels = dict(labels or {})
     results = group_by_path(rows)
     head = ["path"] + [f"{role} {m}" for role in ROLES for m in METRICS] + [f"gain {m}" for m in METRICS] + ["seeds"]
-    lines = [*before, "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for res in results:
-        cells = [labels.get(res.path, res.path)]
-        cells += [format_mean_std(res.values.get((role, m), [])) for role in ROLES for m in METRICS]
-        cells += [f"**{format_mean_std(res.gains[m], signed=True)}**" for m in METRICS]
-        cells.append(str(len(res.values.get(("student", "mAP"), []))))
-        lines.append("| " + " | ".join(cells) + " |")
+    lines = [*before, *markdown_table(head, (
+        [labels.get(res.path, res.path),
+         *[format_mean_std(res.values.get((role, m), [])) for role in ROLES for m in METRICS],
+         *[f"**{format_mean_std(res.gains[m], signed=True)}**" for m in METRICS],
+         len(res.values.get(("student", "mAP"), []))] for res in results))]
     lines += ["", "Student against its baseline, seed by seed:"]
     lines += [beat_line(res, labels.get(res.path, res.path)) for res in results]
     return "\n".join([*lines, *after]) + "\n"

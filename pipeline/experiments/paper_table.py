@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pipeline.config import ConfigError
+from pipeline.evaluation.report import markdown_table
 from pipeline.experiments.paper_plan import (ABLATION_CONCURRENT, ABLATION_PATH, CACHE_SHARD_SAMPLES, CACHE_STORAGE,
                                              CACHE_VIEWS, LOG, PATH_LABELS, PATHS, Step, TablePlan, check_preset,
                                              needed_configs, plan_table, run_name, table_dataset)
@@ -155,12 +156,13 @@ def ablation_lines(runner: TableRunner) -> list[str]:
     if not runner.ablation_rows:
         return []
     base = runner.results.get(run_name(runner.plan.preset, PATHS[ABLATION_PATH][1], 0), ({}, 0))[0]
+    def gain(r: dict, metric: str, key: str) -> str:
+        return f"{r[metric] - base[key]:+.4f}" if base else "-"
+
     lines = ["", f"## Loss ablation ({PATH_LABELS[ABLATION_PATH]}, seed 0, one cache)", "",
-             "| variant | mAP | NDS | gain mAP | gain NDS | minutes |", "|---|---|---|---|---|---|"]
-    for r in runner.ablation_rows:
-        gains = [f"{r[m] - base[k]:+.4f}" if base else "-" for m, k in (("mAP", "mean_ap"), ("NDS", "nd_score"))]
-        lines.append(f"| {r['variant']} | {r['mAP']:.4f} | {r['NDS']:.4f} | {gains[0]} | {gains[1]} | "
-                     f"{r['minutes']:.1f} |")
+             *markdown_table(["variant", "mAP", "NDS", "gain mAP", "gain NDS", "minutes"],
+                             [(r["variant"], f"{r['mAP']:.4f}", f"{r['NDS']:.4f}", gain(r, "mAP", "mean_ap"),
+                               gain(r, "NDS", "nd_score"), f"{r['minutes']:.1f}") for r in runner.ablation_rows])]
     return lines + ["", "Gains against the seed-0 baseline; TP errors and overrides in "
                         "[ablation/results.md](ablation/results.md)."]
 

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from pipeline.evaluation.report import markdown_table
+
 METRICS_SUMMARY = "metrics_summary.json"  # what evaluate_model leaves in its folder
 TIMES_FILE = "timings.json"                # StepTimes' file inside a run or evaluation folder
 
@@ -161,13 +163,12 @@ def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
 
 def format_seed_table(runs: dict[str, list[tuple[int, dict]]]) -> str:
     """Markdown table of mAP / NDS per seed and their mean and standard deviation, per model."""
-    lines = ["| model | seed | mAP | NDS |", "|---|---|---|---|"]
+    rows = []
     for name, results in runs.items():
-        for seed, s in results:
-            lines.append(f"| {name} | {seed} | {s['mean_ap']:.4f} | {s['nd_score']:.4f} |")
+        rows += [(name, seed, f"{s['mean_ap']:.4f}", f"{s['nd_score']:.4f}") for seed, s in results]
         spread = []
         for key in ("mean_ap", "nd_score"):
             mean, std = mean_std([s[key] for _, s in results])
             spread.append(f"**{mean:.4f} +- {std or 0.0:.4f}**")
-        lines.append(f"| **{name}** | mean +- std over {len(results)} | {spread[0]} | {spread[1]} |")
-    return "\n".join(lines)
+        rows.append((f"**{name}**", f"mean +- std over {len(results)}", *spread))
+    return "\n".join(markdown_table(["model", "seed", "mAP", "NDS"], rows))

@@ -27,6 +27,7 @@ import yaml
 
 from pipeline import storage
 from pipeline.config import ConfigError, load_config
+from pipeline.evaluation.report import markdown_table
 from pipeline.experiments.runs import TIMES_FILE, StepTimes, evaluate_once, finished_model
 
 RESULT_COLUMNS = ("variant", "kind", "overrides", "mAP", "NDS", "mATE", "mASE", "mAOE", "mAVE", "mAAE", "minutes")
@@ -164,10 +165,8 @@ def write_tables(out: Path, rows: Sequence[Mapping[str, Any]]) -> tuple[Path, Pa
         w = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
         w.writeheader()
         w.writerows(rows)
-    lines = ["| " + " | ".join(RESULT_COLUMNS) + " |", "|" + "---|" * len(RESULT_COLUMNS)]
-    for r in rows:
-        cells = [f"{r[c]:.4f}" if isinstance(r[c], float) and c != "minutes" else
-                 (f"{r[c]:.1f}" if c == "minutes" else str(r[c]) or "-") for c in RESULT_COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines = markdown_table(RESULT_COLUMNS, ([f"{r[c]:.4f}" if isinstance(r[c], float) and c != "minutes" else
+                                             (f"{r[c]:.1f}" if c == "minutes" else str(r[c]) or "-")
+                                             for c in RESULT_COLUMNS] for r in rows))
     (out / "results.md").write_text("\n".join(lines) + "\n")
     return out / "results.csv", out / "results.md"
