@@ -121,3 +121,23 @@ def test_evaluation_rejects_bad_input(nusc, tmp_path):
         evaluate_results(nusc, VERSION, "mini_val", tmp_path / "r.json", tmp_path)
     with pytest.raises(ValueError, match="v1.0-trainval"):
         evaluate_results(nusc, "v1.0-trainval", "val", tmp_path / "r.json", tmp_path)
+
+
+def test_bev_pictures_are_written_as_pngs_with_content(tmp_path):
+    import matplotlib.image as mpimg
+
+    from models.bev_grid import BEVGrid
+    from pipeline.config import load_config
+    from pipeline.evaluation.visualize import render_bev_maps, render_bev_sample
+
+    grid = BEVGrid.from_config(load_config("tiny_lidar")["grid"])
+    box = np.array([[1.0, 2.0, 0.0, 4.0, 2.0, 1.5, 0.3, 0.0, 0.0]], dtype=np.float32)
+    maps = render_bev_maps(tmp_path / "maps" / "m.png", grid, [("a", np.random.rand(grid.H, grid.W)),
+                                                              ("b", np.zeros((grid.H, grid.W)))], box)
+    points = np.random.default_rng(0).uniform(-20, 20, (500, 5)).astype(np.float32)
+    sample = render_bev_sample(tmp_path / "s.png", grid, points, box, np.array([0]), box, np.array([0]), "t")
+    for png in (maps, sample):
+        img = mpimg.imread(png)  # [h, w, 4] floats
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+        assert img[..., :3].std() > 0.05, f"{png} is blank"
+    assert mpimg.imread(maps).shape[1] > mpimg.imread(maps).shape[0], "two panels side by side"

@@ -3,7 +3,7 @@ maps (features, heat maps) with boxes drawn on them. PNG files via matplotlib's 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import matplotlib
 
@@ -50,6 +50,11 @@ def render_bev_sample(path: str | Path, grid: BEVGrid, points: np.ndarray, gt_bo
     ax.set_aspect("equal")
     ax.set_title(title or "green: ground truth, red: predictions", fontsize=7)
     ax.tick_params(labelsize=5)
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    """Write a figure as PNG (creating folders) and free it."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, bbox_inches="tight")
@@ -68,8 +73,4 @@ def render_bev_maps(path: str | Path, grid: BEVGrid, maps: Sequence[tuple[str, n
             _draw_boxes(ax, gt_boxes, "white")
         ax.set_title(name, fontsize=7)
         ax.tick_params(labelsize=5)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, bbox_inches="tight")
-    plt.close(fig)
-    return out
+    return _save(fig, path)
