@@ -125,27 +125,30 @@ def read_checkpoint_state(folder: str | Path) -> dict[str, Any]:
     return torch.load(Path(folder) / CHECKPOINT_STATE, map_location="cpu", weights_only=False)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker entry point (see module docstring)."""
-    import ray.train
-    import ray.train.torch
+@dataclass
+class _Run:
+    """What one worker's loop holds between its steps."""
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    cfg, tr, rt = config["cfg"], config["cfg"]["train"], config["cfg"]["runtime"]
-    threads = int(rt["torch_threads"]) or max(1, int(math.ceil(float(rt["cpus_per_worker"]))))
-    torch.set_num_threads(threads)
-    seed_everything(int(tr["seed"]) + rank)
-    device = ray.train.torch.get_device()
-    use_amp = bool(tr["amp"]) and device.type == "cuda"
+    model: nn.Module
+    extra: nn.ModuleDict
+    task: TrainTask
+    sampler: DistributedSampler
+    loader: DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    use_amp: bool
+    world: int
+    batch_size: int
+    step: int = 0
+    start_epoch: int = 0
 
-    task: TrainTask = config["build_task"](config, device)
-    model = task.model.to(device)
-    if world > 1 and device.type == "cuda" and tr["sync_bn"]:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = ray.train.torch.prepare_model(model, parallel_strategy="ddp")
-    extra = task.extra.to(device)
 
+def _make_loader(task: TrainTask, config: Mapping[str, Any], world: int, rank: int,
+                 device: torch.device) -> tuple[DistributedSampler, DataLoader]:
+    """This worker's shard of the split (DistributedSampler) behind a DataLoader."""
+    tr, rt = config["cfg"]["train"], config["cfg"]["runtime"]
     batch_size = int(tr["batch_size"])
     sampler = DistributedSampler(task.dataset, num_replicas=world, rank=rank, shuffle=True,
                                  seed=int(tr["seed"]), drop_last=True)
@@ -154,95 +157,139 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         num_workers=loader_workers, pin_memory=device.type == "cuda", drop_last=True,
                         prefetch_factor=2 if loader_workers else None, persistent_workers=False,
                         worker_init_fn=task.worker_init_fn)
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
+    if len(loader) == 0:
         raise DatasetError(f"split {config['split']!r} has {len(task.dataset)} samples: too few for "
-                         f"{world} workers x batch {batch_size}")
+                           f"{world} workers x batch {batch_size}")
+    return sampler, loader
+
+
+def _restore(run: _Run, checkpoint: Any) -> None:
+    """Continue from the run's latest checkpoint (weights, optimiser, schedule, scaler, epoch, step)."""
+    with checkpoint.as_directory() as folder:
+        state = read_checkpoint_state(folder)
+    unwrap(run.model).load_state_dict(state["model"])
+    run.extra.load_state_dict(state["extra"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    run.start_epoch, run.step = int(state["epoch"]), int(state["step"])
+
+
+def _train_epoch(run: _Run, epoch: int, grad_clip: float, log: MetricsLog | None) -> dict[str, float]:
+    """One pass over this worker's shard; returns the epoch's metrics (mean losses, throughput)."""
+    run.sampler.set_epoch(epoch)
+    run.task.dataset.set_epoch(epoch)
+    run.model.train()
+    sums: dict[str, float] = {}
+    epoch_wait = epoch_time = 0.0
+    n = 0
+    samples = run.batch_size * run.world
+    t_end = time.perf_counter()
+    for batch in run.loader:
+        t_data = time.perf_counter()
+        batch = to_device(batch, run.device)
+        with torch.autocast(run.device.type, enabled=run.use_amp):
+            losses = run.task.losses(run.model, run.extra, batch)
+        run.step += 1
+        _check_finite(losses, epoch, run.step)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(losses["loss"]).backward()
+        average_gradients(run.extra, run.world)
+        run.scaler.unscale_(run.optimizer)
+        grad_norm = clip_gradients([unwrap(run.model), run.extra], grad_clip)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.scheduler.step()
+        t_done = time.perf_counter()
+        wait, total = t_data - t_end, t_done - t_end
+        t_end = t_done
+        epoch_wait += wait
+        epoch_time += total
+        n += 1
+        values = {f"loss/{k}" if k != "loss" else "loss": float(v.detach()) for k, v in losses.items()}
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v
+        if log is not None:
+            log.log(run.step, {"epoch": epoch + 1, **values, "lr": run.optimizer.param_groups[0]["lr"],
+                               "grad_norm": grad_norm, "samples_per_s": samples / total,
+                               "data_wait_frac": wait / total})
+    return {"epoch": epoch + 1, "step": run.step, **{k: v / max(n, 1) for k, v in sums.items()},
+            "samples_per_s": n * samples / max(epoch_time, 1e-9),
+            "data_wait_frac": epoch_wait / max(epoch_time, 1e-9)}
+
+
+def _end_epoch(run: _Run, config: Mapping[str, Any], epoch: int, metrics: dict[str, float], rank: int,
+               log: MetricsLog | None, log_dir: str | None) -> None:
+    """Report an epoch: its log line and metrics upload, precise BN after the last one, and the
+    checkpoint handed to Ray Train."""
+    import ray.train
+
+    cfg, tr = config["cfg"], config["cfg"]["train"]
+    epochs = int(tr["epochs"])
+    if log is not None:
+        print(f"[train] epoch {epoch + 1}/{epochs} done: loss {metrics.get('loss', float('nan')):.4f}, "
+              f"{metrics['samples_per_s']:.2f} samples/s, data wait {100 * metrics['data_wait_frac']:.0f}%",
+              flush=True)
+        if config.get("log_url"):
+            storage.upload(Path(log_dir) / METRICS_FILE, storage.join(config["log_url"], METRICS_FILE))
+            storage.upload(Path(log_dir) / TENSORBOARD_DIR, storage.join(config["log_url"], TENSORBOARD_DIR))
+    if epoch + 1 == epochs and int(tr["precise_bn_batches"]) > 0:
+        used = recompute_bn_stats(unwrap(run.model), (to_device(b, run.device) for b in run.loader),
+                                  lambda m, b: m(b), int(tr["precise_bn_batches"]))
+        if log is not None:
+            print(f"[train] BatchNorm statistics re-estimated over {used} batches of the final weights",
+                  flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if rank == 0:
+            _save_checkpoint(Path(tmp), run.model, run.extra, run.optimizer, run.scheduler, run.scaler, epoch + 1,
+                             run.step, cfg)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker entry point (see module docstring): build, restore, then train and report
+    epoch by epoch."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    tr, rt = config["cfg"]["train"], config["cfg"]["runtime"]
+    threads = int(rt["torch_threads"]) or max(1, int(math.ceil(float(rt["cpus_per_worker"]))))
+    torch.set_num_threads(threads)
+    seed_everything(int(tr["seed"]) + rank)
+    device = ray.train.torch.get_device()
+
+    task: TrainTask = config["build_task"](config, device)
+    model = task.model.to(device)
+    if world > 1 and device.type == "cuda" and tr["sync_bn"]:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = ray.train.torch.prepare_model(model, parallel_strategy="ddp")
+    extra = task.extra.to(device)
+    sampler, loader = _make_loader(task, config, world, rank, device)
+    batch_size = int(tr["batch_size"])
     lr = scaled_lr(tr, batch_size * world)
     optimizer = build_optimizer(list(model.parameters()) + list(extra.parameters()), tr, lr)
-    scheduler = build_scheduler(optimizer, tr, lr, steps_per_epoch)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-
-    start_epoch, step = 0, 0
+    use_amp = bool(tr["amp"]) and device.type == "cuda"
+    run = _Run(model, extra, task, sampler, loader, optimizer, build_scheduler(optimizer, tr, lr, len(loader)),
+               torch.amp.GradScaler("cuda", enabled=use_amp), device, use_amp, world, batch_size)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = read_checkpoint_state(folder)
-        unwrap(model).load_state_dict(state["model"])
-        extra.load_state_dict(state["extra"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, step = int(state["epoch"]), int(state["step"])
+        _restore(run, checkpoint)
 
     log = None
     log_dir = config.get("log_dir") or (tempfile.mkdtemp(prefix="run_log_") if config.get("log_url") else None)
     if rank == 0 and log_dir:
-        log = MetricsLog(log_dir, resume_step=step, print_every=int(tr["log_every"]), prefix="[train] ")
-        where = "resuming from epoch %d (step %d)" % (start_epoch, step) if checkpoint else "starting"
-        print(f"[train] {where}: {world} worker(s) on {device}, {steps_per_epoch} steps/epoch, "
+        log = MetricsLog(log_dir, resume_step=run.step, print_every=int(tr["log_every"]), prefix="[train] ")
+        where = "resuming from epoch %d (step %d)" % (run.start_epoch, run.step) if checkpoint else "starting"
+        print(f"[train] {where}: {world} worker(s) on {device}, {len(loader)} steps/epoch, "
               f"global batch {batch_size * world}", flush=True)
         print(f"[train] {describe_lr(tr, batch_size * world)}", flush=True)
 
-    epochs = int(tr["epochs"])
-    for epoch in range(start_epoch, epochs):
-        sampler.set_epoch(epoch)
-        task.dataset.set_epoch(epoch)
-        model.train()
-        sums: dict[str, float] = {}
-        epoch_wait = epoch_time = 0.0
-        n = 0
-        t_end = time.perf_counter()
-        for batch in loader:
-            t_data = time.perf_counter()
-            batch = to_device(batch, device)
-            with torch.autocast(device.type, enabled=use_amp):
-                losses = task.losses(model, extra, batch)
-            step += 1
-            _check_finite(losses, epoch, step)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(losses["loss"]).backward()
-            average_gradients(extra, world)
-            scaler.unscale_(optimizer)
-            grad_norm = clip_gradients([unwrap(model), extra], float(tr["grad_clip"]))
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            t_done = time.perf_counter()
-            wait, total = t_data - t_end, t_done - t_end
-            t_end = t_done
-            epoch_wait += wait
-            epoch_time += total
-            n += 1
-            values = {f"loss/{k}" if k != "loss" else "loss": float(v.detach()) for k, v in losses.items()}
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v
-            if log is not None:
-                log.log(step, {"epoch": epoch + 1, **values, "lr": optimizer.param_groups[0]["lr"],
-                               "grad_norm": grad_norm, "samples_per_s": batch_size * world / total,
-                               "data_wait_frac": wait / total})
-
-        metrics = {"epoch": epoch + 1, "step": step, **{k: v / max(n, 1) for k, v in sums.items()},
-                   "samples_per_s": n * batch_size * world / max(epoch_time, 1e-9),
-                   "data_wait_frac": epoch_wait / max(epoch_time, 1e-9)}
-        if log is not None:
-            print(f"[train] epoch {epoch + 1}/{epochs} done: loss {metrics.get('loss', float('nan')):.4f}, "
-                  f"{metrics['samples_per_s']:.2f} samples/s, data wait {100 * metrics['data_wait_frac']:.0f}%",
-                  flush=True)
-            if config.get("log_url"):
-                storage.upload(Path(log_dir) / METRICS_FILE, storage.join(config["log_url"], METRICS_FILE))
-                storage.upload(Path(log_dir) / TENSORBOARD_DIR, storage.join(config["log_url"], TENSORBOARD_DIR))
-        if epoch + 1 == epochs and int(tr["precise_bn_batches"]) > 0:
-            used = recompute_bn_stats(unwrap(model), (to_device(b, device) for b in loader),
-                                      lambda m, b: m(b), int(tr["precise_bn_batches"]))
-            if log is not None:
-                print(f"[train] BatchNorm statistics re-estimated over {used} batches of the final weights",
-                      flush=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                _save_checkpoint(Path(tmp), model, extra, optimizer, scheduler, scaler, epoch + 1, step, cfg)
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
+    for epoch in range(run.start_epoch, int(tr["epochs"])):
+        metrics = _train_epoch(run, epoch, float(tr["grad_clip"]), log)
+        _end_epoch(run, config, epoch, metrics, rank, log, log_dir)
     if log is not None:
         log.close()
