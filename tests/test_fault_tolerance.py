@@ -1,10 +1,11 @@
 """Scale-out and faults, rehearsed on a local two-node Ray cluster (both nodes on 127.0.0.1):
-caching spread over nodes, a node killed mid-job, a training worker killed mid-run, full or
-unwritable storage."""
+caching spread over nodes, one devkit open for a whole cache job and training run on read-only
+data, a node killed mid-job, a training worker killed mid-run, full or unwritable storage."""
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,12 +14,12 @@ import time
 import pytest
 
 from pipeline.cache import inspection
-
 from pipeline.cache import store
 from pipeline.cache.build import build_cache
 from pipeline.cache.plan import CacheRequest
 from pipeline.cache.reader import CacheReader
 from pipeline.cache.schema import CacheError
+from pipeline.data.nusc_db import OPEN_LOG_PREFIX
 
 from tests.conftest import REPO, committed_checkpoints, local_cluster
 
@@ -131,6 +132,56 @@ def test_a_training_worker_killed_mid_run_resumes_from_its_checkpoint(two_nodes,
     import torch
 
     assert torch.load(run / "model.pt", weights_only=False)["extra"]["epoch"] == epochs
+
+
+@pytest.fixture
+def read_only_dataroot(nusc_root, tmp_path):
+    """A copy of the generated dataroot on a tmpfs remounted read-only, as a cluster's shared dataset
+    storage often is (root bypasses file modes, not a read-only mount). Skipped where mounting is not
+    allowed (needs root)."""
+    mount = tmp_path / "ro_nuscenes"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1g", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs for a read-only dataroot here ({done.stderr.strip()}); needs root")
+    try:
+        shutil.copytree(nusc_root, mount, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".index"))
+        done = subprocess.run(["mount", "-o", "remount,ro", str(mount)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_a_cache_job_and_a_two_worker_training_open_the_devkit_once_in_all(two_nodes, tiny_teacher,
+                                                                          read_only_dataroot, tmp_path):
+    """The issue-14 rehearsal: on a read-only dataroot, a caching job with three loaders and two
+    teacher actors, then a training run of two workers (one per node), open the devkit exactly once
+    in all: the first job's driver builds the index into its own cache folder and hands it to every
+    actor, loader and worker; the second job's driver finds it there. Counted by the line every
+    real open prints, which Ray forwards from every process of a job to its driver (dedup off)."""
+    env = dict(two_nodes["env"], XDG_CACHE_HOME=str(tmp_path / "driver_cache"), RAY_DEDUP_LOGS="0")
+    root = str(read_only_dataroot)
+    jobs = {
+        "cache": [sys.executable, "stages/cache_teacher.py", "--teacher", str(tiny_teacher), "--dataroot", root,
+                  "--split", SPLIT, "--cache", str(tmp_path / "cache"), "--shard-samples", "2", "--loaders", "3",
+                  "--actors", "2", "--cpus-per-actor", "1", "--address", two_nodes["address"]],
+        "train": [sys.executable, "stages/train_teacher.py", "--config", "tiny_lidar", "--dataroot", root,
+                  "--split", SPLIT, "--output", str(tmp_path / "run"), "--set", "train.epochs=1",
+                  "--set", "runtime.num_workers=2", "--set", "runtime.cpus_per_worker=2",
+                  "--set", "runtime.loader_workers=1", "--address", two_nodes["address"]],
+    }
+    opens = []
+    for name, args in jobs.items():
+        done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        out = done.stdout + done.stderr
+        assert done.returncode == 0, f"{name}: {out[-4000:]}"
+        opens += [f"{name}: {line}" for line in out.splitlines() if OPEN_LOG_PREFIX in line]
+        if name == "train":  # the workers' lines do reach this log (what makes the count complete)
+            assert len(set(re.findall(r"RayTrainWorker pid=(\d+)", out))) == 2, out[-4000:]
+    assert len(opens) == 1 and opens[0].startswith("cache: "), opens
+    assert [p.name for p in (tmp_path / "driver_cache").rglob("*.parquet")] == [f"{VERSION}_{SPLIT}_sweeps10.parquet"]
 
 
 @pytest.mark.slow

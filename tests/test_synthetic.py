@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from nuscenes.eval.detection.utils import category_to_detection_name
-from nuscenes.utils.geometry_utils import view_points
+from nuscenes.utils.data_classes import RadarPointCloud
+from nuscenes.utils.geometry_utils import points_in_box, view_points
 from nuscenes.utils.splits import create_splits_scenes
 from PIL import Image
+from scipy.spatial.transform import Rotation
 
 from models.classes import CLASS_NAMES
 from pipeline.data.index import load_index
@@ -23,7 +25,9 @@ from pipeline.evaluation.results import lidar_boxes_to_results, write_results_js
 from pipeline.synthetic import camera as synth_camera
 from pipeline.synthetic import format_summary, generate, summarize
 from pipeline.synthetic.__main__ import main as synthetic_main
+from pipeline.synthetic.catalog import OTHER_CLASSES
 from pipeline.synthetic.placement import build_world
+from pipeline.synthetic.radar import RADARS, TRIGGER_JITTER_US
 from pipeline.synthetic.rig import CAMERAS
 from pipeline.synthetic.scenes import LOCATIONS, PROFILES, check_scene_counts, trainval_scenes
 from pipeline.synthetic.scenes import SCENES
@@ -52,7 +56,8 @@ def test_devkit_loads_every_table_and_the_mini_splits(nusc):
     for rec in nusc.map:
         assert (Path(nusc.dataroot) / rec["filename"]).is_file()
         assert rec["log_tokens"], "every map lists the logs recorded on it"
-    assert {s["channel"] for s in nusc.sensor} == {*CAMERAS, "LIDAR_TOP"}
+    assert {s["channel"]: s["modality"] for s in nusc.sensor} == {
+        **{c: "camera" for c in CAMERAS}, "LIDAR_TOP": "lidar", **{r: "radar" for r in RADARS}}
 
 
 def test_key_frames_sweeps_and_links(nusc):
@@ -88,21 +93,29 @@ def test_key_frames_sweeps_and_links(nusc):
 
 
 def test_annotations_classes_attributes_instances(nusc):
-    """Every detection class occurs, attributes fit the class, instances keep their size and move smoothly."""
-    seen = set()
+    """Every detection class occurs, and annotated objects of categories outside them (animals,
+    debris, strollers, ...); attributes fit the class, instances keep their size and move smoothly."""
+    seen, others = set(), set()
     visibility = {v["token"] for v in nusc.visibility}
+    other_categories = {name for cls in OTHER_CLASSES.values() for name, _ in cls.categories}
     for ann in nusc.sample_annotation:
         name = category_to_detection_name(ann["category_name"])
-        assert name in CLASS_NAMES, ann["category_name"]
-        seen.add(name)
         assert ann["visibility_token"] in visibility
         attrs = [nusc.get("attribute", t)["name"] for t in ann["attribute_tokens"]]
+        if name is None:
+            assert ann["category_name"] in other_categories
+            others.add(ann["category_name"])
+            assert attrs in ([], ["pedestrian.moving"]), (ann["category_name"], attrs)
+            continue
+        assert name in CLASS_NAMES, ann["category_name"]
+        seen.add(name)
         prefix = ATTRIBUTE_PREFIX[name]
         if prefix is None:
             assert attrs == []
         else:
             assert len(attrs) == 1 and attrs[0].startswith(prefix), (name, attrs)
     assert seen == set(CLASS_NAMES)
+    assert len(others) >= 4, others
 
     speeds = []
     for inst in nusc.instance:
@@ -119,6 +132,56 @@ def test_annotations_classes_attributes_instances(nusc):
     speeds = np.asarray(speeds)
     assert (speeds < 0.05).any() and (speeds > 2.0).any(), "parked and moving objects both occur"
     assert (speeds < 25.0).all(), "no object moves faster than a car on a street"
+
+
+def test_radar_key_frames_and_their_point_counts(nusc):
+    """Every sample has the five radars' key frames, each at its own time near the LiDAR's and read
+    by the devkit's RadarPointCloud; an annotation's num_radar_pts is what the devkit's own boxes of
+    each radar's sample_data count (points_in_box), and only objects the LiDAR saw have radar points."""
+    counted = np.zeros(len(nusc.sample_annotation), dtype=np.int64)
+    index = {ann["token"]: i for i, ann in enumerate(nusc.sample_annotation)}
+    offsets, points = [], 0
+    for sample in nusc.sample:
+        for channel in RADARS:
+            sd = nusc.get("sample_data", sample["data"][channel])
+            assert sd["is_key_frame"] and sd["fileformat"] == "pcd" and sd["sensor_modality"] == "radar"
+            offsets.append(sd["timestamp"] - sample["timestamp"])
+            path, boxes, _ = nusc.get_sample_data(sd["token"])
+            pc = RadarPointCloud.from_file(path)
+            assert pc.points.shape[0] == 18
+            points += pc.points.shape[1]
+            for box in boxes:
+                counted[index[box.token]] += int(points_in_box(box, pc.points[:3]).sum())
+    assert max(abs(o) for o in offsets) <= TRIGGER_JITTER_US and len(set(offsets)) > 10
+    stored = np.array([ann["num_radar_pts"] for ann in nusc.sample_annotation])
+    lidar = np.array([ann["num_lidar_pts"] for ann in nusc.sample_annotation])
+    assert points > 100 and (stored > 0).sum() > 50
+    assert (stored == counted).all(), np.flatnonzero(stored != counted)[:10]
+    assert not ((stored > 0) & (lidar == 0)).any(), "radar returns come from objects in the LiDAR's sight"
+
+
+def test_ego_pitch_and_roll_reach_the_points(nusc_root):
+    """Ego poses pitch and roll a little (as on the nuScenes car); the index's full poses put the
+    key frame's ground points on the flat ground (z = 0), a yaw-only ego pose would not."""
+    rows = load_index(nusc_root, "v1.0-mini", "mini_train")
+    tilts = []
+    for row in rows:
+        _, pitch, roll = Rotation.from_matrix(row["ego2global"][:3, :3]).as_euler("ZYX", degrees=True)
+        tilts.append(max(abs(pitch), abs(roll)))
+    assert 0.05 < np.median(tilts) and max(tilts) <= 0.61, tilts
+    row = rows[int(np.argmax(tilts))]
+    pts = np.fromfile(nusc_root / row["lidar_path"], dtype=np.float32).reshape(-1, 5)[:, :3]
+    far = np.hypot(pts[:, 0], pts[:, 1])
+    ground = pts[(far > 12) & (far < 40) & (pts[:, 2] < -1.2)]          # LiDAR frame: the ground is ~1.8 m down
+    homog = np.c_[ground, np.ones(len(ground))].T                       # [4, N]
+    yaw_only = row["ego2global"].copy()
+    yaw = np.arctan2(yaw_only[1, 0], yaw_only[0, 0])
+    yaw_only[:3, :3] = Rotation.from_euler("z", yaw).as_matrix()
+    z_full = np.abs((row["ego2global"] @ row["lidar2ego"] @ homog)[2])
+    z_flat = np.abs((yaw_only @ row["lidar2ego"] @ homog)[2])
+    assert len(ground) > 1000
+    assert np.median(z_full) < 0.03, np.median(z_full)
+    assert np.median(z_flat) > 2 * np.median(z_full) + 0.02, (np.median(z_flat), np.median(z_full))
 
 
 def _sample_of_scene(nusc, scene_name: str, k: int) -> dict:
@@ -142,9 +205,9 @@ def test_box_centres_project_onto_pixels_of_their_object(nusc):
     world = build_world(SMALL_DATASET["seed"], scene_index, SMALL_DATASET["samples_per_scene"])
     sample = _sample_of_scene(nusc, scene_name, k)
     object_of_instance = {obj.instance_token: obj.index for obj in world.objects}
-    t = (sample["timestamp"] - world.start_us) * 1e-6
     hits = occluded = 0
     for channel in CAMERAS:
+        t = (nusc.get("sample_data", sample["data"][channel])["timestamp"] - world.start_us) * 1e-6  # its own time
         frame = synth_camera.render(world, t, channel, SMALL_DATASET["image_size"],
                                     make_rng(SMALL_DATASET["seed"], "camera", scene_name, channel, k))
         data_path, boxes, intrinsic = nusc.get_sample_data(sample["data"][channel])

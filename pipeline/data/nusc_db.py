@@ -8,6 +8,8 @@ v1.0-trainval takes about 30 s and several parts of a run (index, results, evalu
 from __future__ import annotations
 
 import json
+import os
+import socket
 import threading
 from pathlib import Path
 
@@ -15,6 +17,8 @@ from nuscenes.nuscenes import NuScenes
 from nuscenes.utils.splits import create_splits_scenes
 
 from models.errors import UserError
+
+OPEN_LOG_PREFIX = "[nusc] opening"  # the line open_nuscenes prints when it opens a database
 
 
 class DatasetError(UserError):
@@ -141,6 +145,10 @@ def open_nuscenes(dataroot: str | Path, version: str, verbose: bool = False) -> 
         nusc = _CACHE.get(key)
         if nusc is None:
             _check_maps(root, version)
+            # One line per real open (~30 s and GBs for v1.0-trainval): on a cluster, where only the
+            # driver should open it, these lines (Ray forwards them) count the processes that did.
+            print(f"{OPEN_LOG_PREFIX} {version} at {root} (pid {os.getpid()} on {socket.gethostname()})",
+                  flush=True)
             try:
                 nusc = NuScenes(version=version, dataroot=str(root), verbose=verbose)
             except json.JSONDecodeError:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
+from nuscenes.eval.common.utils import quaternion_yaw
 from nuscenes.utils.data_classes import Box
 from pyquaternion import Quaternion
 
@@ -87,7 +88,7 @@ def global_results_to_lidar(row: Mapping[str, Any], results: list[dict]) -> np.n
         box.translate(-l2e[:3, 3])
         box.rotate(l2e_q.inverse)
         w, length, h = box.wlh
-        out[i] = [*box.center, length, w, h, box.orientation.yaw_pitch_roll[0], *box.velocity[:2]]
+        out[i] = [*box.center, length, w, h, quaternion_yaw(box.orientation), *box.velocity[:2]]
     return out
 
 

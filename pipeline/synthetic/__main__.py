@@ -49,9 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=_positive(0), default=0)
     parser.add_argument("--image-size", type=_image_size, default=DEFAULT_IMAGE_SIZE, metavar="WxH",
                         help=f"camera image size (default {DEFAULT_IMAGE_SIZE[0]}x{DEFAULT_IMAGE_SIZE[1]})")
-    parser.add_argument("--camera-trigger", choices=("keyframe", "sweep"), default="keyframe",
-                        help="keyframe: cameras at the LiDAR key frame's time and ego pose (default); sweep: each "
-                             "camera fires as the LiDAR sweeps past it (3-45 ms later, its own ego pose), as in nuScenes")
+    parser.add_argument("--camera-trigger", choices=("keyframe", "sweep"), default="sweep",
+                        help="sweep: each camera fires as the LiDAR sweeps past it (3-45 ms after the key frame, "
+                             "at its own ego pose), as in nuScenes (default); keyframe: cameras at the LiDAR key "
+                             "frame's time and ego pose (generator version 1)")
     parser.add_argument("--workers", type=_positive(1), default=1, help="processes generating scenes")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in OUT_DIR")
     args = parser.parse_args(argv)

@@ -68,15 +68,6 @@ def _noise(n: int, rng: np.random.Generator) -> np.ndarray:
     return bank[idx]
 
 
-def camera_pose(world: World, t: float, channel: str) -> tuple[np.ndarray, np.ndarray]:
-    """Camera origin [3] and rotation camera -> global [3, 3] at time t."""
-    xy, yaw = world.ego_pose(t)
-    c, s = np.cos(yaw), np.sin(yaw)
-    r_ego = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
-    cam = world.rig.camera(channel)
-    return np.array([xy[0], xy[1], 0.0]) + r_ego @ cam.translation, r_ego @ cam.rotation
-
-
 def _pixel_box(corners_cam: np.ndarray, k: np.ndarray, width: int, height: int) -> tuple[int, int, int, int] | None:
     """Pixel rectangle (u0, u1, v0, v1), end exclusive, that holds the projection of a box given
     by its 8 corners in the camera frame; None if it lies behind the camera or off the image."""
@@ -104,7 +95,7 @@ def render(world: World, t: float, channel: str, image_size: tuple[int, int],
     """Render camera `channel` at time t (s) as an image of size (W, H)."""
     width, height = image_size
     k = world.rig.camera(channel).intrinsic_for(image_size)
-    origin, rot = camera_pose(world, t, channel)
+    origin, rot = world.sensor_pose(world.rig.camera(channel), t)
     rays_cam = _pixel_rays(width, height, k[0, 0], k[1, 1], k[0, 2], k[1, 2])
     dirs = rays_cam @ rot.T.astype(np.float32)            # [HW, 3] global, camera z = 1
     depth = ground_hits(origin, dirs)                     # [HW] camera z == ray parameter

@@ -1,6 +1,6 @@
 """What the generated world is made of: nuScenes categories, attributes and visibility levels,
-and for each detection class its size, simple 3D shape, colour, LiDAR reflectivity and the ways
-it is placed in a street.
+and for each detection class (and a few annotated categories outside them, OTHER_CLASSES) its size,
+simple 3D shape, colour, LiDAR reflectivity and the ways it is placed in a street.
 
 Shapes are unions of axis-aligned parts in the object's box frame (x along the heading, y to
 the left, z up from the ground), given as fractions of the box: x, y in [-0.5, 0.5], z in
@@ -196,6 +196,38 @@ OBJECT_CLASSES: dict[str, ObjectClass] = {c.name: c for c in (
                 (245, 120, 10), 90.0, (
         Placement(0.5, "kerb", (0.0, 0.0), ""),
         Placement(0.5, "parking", (0.0, 0.0), ""))),
+)}
+
+# Annotated objects whose categories map to no detection class (category_to_detection_name gives
+# None): real key frames have them (animals, debris, bins, bicycle racks, people on scooters, with
+# strollers or in wheelchairs), and a loader or evaluation that forgets to drop them should fail.
+_BLOCK = [(-0.48, 0.48, -0.48, 0.48, 0.0, 0.98, "body")]
+OTHER_CLASSES: dict[str, ObjectClass] = {c.name: c for c in (
+    ObjectClass("animal", (("animal", 1.0),), (1.0, 0.35, 0.65),
+                ((-0.48, 0.30, -0.48, 0.48, 0.35, 0.80, "body"), (0.30, 0.48, -0.35, 0.35, 0.55, 0.98, "body"),
+                 (-0.40, 0.25, -0.30, 0.30, 0.0, 0.35, "dark")), (150, 110, 70), 20.0, (
+        Placement(0.6, "sidewalk", (0.5, 1.5), ""), Placement(0.4, "verge", (0.0, 0.0), ""))),
+    ObjectClass("debris", (("movable_object.debris", 1.0),), (0.8, 0.6, 0.25), tuple(_BLOCK), (110, 100, 90), 15.0, (
+        Placement(0.5, "lane", (0.0, 0.0), ""), Placement(0.5, "parking", (0.0, 0.0), ""))),
+    ObjectClass("pushable_pullable", (("movable_object.pushable_pullable", 1.0),), (0.70, 0.60, 1.10),
+                ((-0.48, 0.48, -0.48, 0.48, 0.0, 0.90, "body"), (-0.48, 0.48, -0.48, 0.48, 0.90, 0.98, "dark")),
+                (60, 120, 60), 30.0, (
+        Placement(0.6, "sidewalk", (0.0, 0.0), ""), Placement(0.4, "kerb", (0.0, 0.0), ""))),
+    ObjectClass("bicycle_rack", (("static_object.bicycle_rack", 1.0),), (3.0, 0.6, 0.9),
+                ((-0.48, 0.48, -0.10, 0.10, 0.85, 0.98, "body"), (-0.48, -0.40, -0.48, 0.48, 0.0, 0.85, "body"),
+                 (-0.05, 0.05, -0.48, 0.48, 0.0, 0.85, "body"), (0.40, 0.48, -0.48, 0.48, 0.0, 0.85, "body")),
+                (170, 170, 175), 70.0, (Placement(1.0, "sidewalk", (0.0, 0.0), ""),)),
+    ObjectClass("personal_mobility", (("human.pedestrian.personal_mobility", 1.0),), (0.9, 0.5, 1.75),
+                ((-0.48, 0.48, -0.30, 0.30, 0.0, 0.08, "dark"), (-0.20, 0.20, -0.48, 0.48, 0.08, 0.98, "body")),
+                (90, 160, 220), 12.0, (Placement(1.0, "sidewalk", (2.0, 4.0), "pedestrian.moving"),)),
+    ObjectClass("stroller", (("human.pedestrian.stroller", 1.0),), (1.0, 0.6, 1.05),
+                ((-0.48, 0.30, -0.48, 0.48, 0.25, 0.80, "body"), (0.30, 0.48, -0.10, 0.10, 0.50, 0.98, "dark"),
+                 (-0.45, 0.45, -0.48, 0.48, 0.0, 0.25, "dark")), (200, 160, 200), 15.0, (
+        Placement(0.7, "sidewalk", (0.8, 1.4), ""), Placement(0.3, "sidewalk", (0.0, 0.0), ""))),
+    ObjectClass("wheelchair", (("human.pedestrian.wheelchair", 1.0),), (1.1, 0.7, 1.3),
+                ((-0.30, 0.30, -0.40, 0.40, 0.30, 0.98, "body"), (-0.48, 0.20, 0.40, 0.48, 0.0, 0.60, "dark"),
+                 (-0.48, 0.20, -0.48, -0.40, 0.0, 0.60, "dark")), (80, 80, 140), 15.0, (
+        Placement(1.0, "sidewalk", (0.5, 1.2), ""),)),
 )}
 
 # Colours and LiDAR reflectivity of parts that do not take the class colour.

@@ -16,6 +16,7 @@ from pathlib import Path
 import cv2
 
 from pipeline.synthetic import catalog
+from pipeline.synthetic.radar import RADARS
 from pipeline.synthetic.rig import CAMERA_TRIGGERS, CAMERAS, LIDAR
 from pipeline.synthetic.road import draw_map_mask
 from pipeline.synthetic.scene_writer import SceneResult, write_scene
@@ -26,7 +27,7 @@ from pipeline.synthetic.tokens import make_token
 
 VERSION = MINI  # the default version
 DEFAULT_IMAGE_SIZE = (800, 450)  # (W, H): half the nuScenes resolution
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: ego pitch and roll, radar key frames, annotated objects outside the 10 classes
 META_FILE = "synthetic.json"
 TABLES = ("category", "attribute", "visibility", "instance", "sensor", "calibrated_sensor", "ego_pose", "log",
           "scene", "sample", "sample_data", "sample_annotation", "map")
@@ -47,18 +48,18 @@ def check_image_size(image_size: tuple[int, int]) -> tuple[int, int]:
 def generate(out_dir: Path, samples_per_scene: int = 10, seed: int = 0,
              image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE, workers: int = 1, overwrite: bool = False, *,
              version: str = VERSION, scenes: int | None = None, val_scenes: int | None = None,
-             camera_trigger: str = "keyframe") -> dict:
+             camera_trigger: str = "sweep") -> dict:
     """Write the generated dataset under `out_dir` and return its summary (see `summarize`) with
     the generation time in seconds.
 
     version "v1.0-mini" writes the 10 mini scenes (scenes / val_scenes must be None);
     "v1.0-trainval" writes `scenes` scenes, `val_scenes` of them (default a fifth, at least 1)
     from the devkit's val list and the rest from its train list; "v1.0-test" the first `scenes`
-    of its test list, with empty sample_annotation and instance tables. camera_trigger "keyframe"
-    (the default, generator version 1's only behaviour) renders every camera at the LiDAR key frame's
-    timestamp and ego pose; "sweep" fires each camera as the LiDAR sweeps past it, 3-45 ms later at
-    its own ego pose, as on the nuScenes car (a loader that projected with the LiDAR's ego pose
-    would be off by up to ~0.5 m at 10 m/s). workers > 1 generates scenes in
+    of its test list, with empty sample_annotation and instance tables. camera_trigger "sweep" (the
+    default) fires each camera as the LiDAR sweeps past it, 3-45 ms after the key frame at its own
+    ego pose, as on the nuScenes car (a loader that projected with the LiDAR's ego pose would be off
+    by up to ~0.5 m at 10 m/s); "keyframe" (generator version 1's only behaviour) renders every
+    camera at the LiDAR key frame's timestamp and ego pose. workers > 1 generates scenes in
     that many processes (same bytes as with one). An out_dir that already holds a generated
     dataset is refused unless `overwrite`, which replaces only what generate writes (samples/,
     sweeps/, maps/, v1.0-mini/, v1.0-trainval/, synthetic.json).
@@ -109,8 +110,7 @@ def generate(out_dir: Path, samples_per_scene: int = 10, seed: int = 0,
         (table_dir / f"{name}.json").write_text(f"[\n{lines}\n]\n")
     meta = {"generator": "pipeline.synthetic", "generator_version": GENERATOR_VERSION, "version": version,
             "seed": seed, "samples_per_scene": samples_per_scene, "image_size": list(image_size)}
-    if camera_trigger != "keyframe":  # (the default leaves the file as it always was)
-        meta["camera_trigger"] = camera_trigger
+    meta["camera_trigger"] = camera_trigger
     if counts is not None:  # trainval or test; mini's scenes are fixed (and its file stays as it always was)
         meta["scenes"] = [spec.name for spec in specs]
         if version != TEST:
@@ -132,7 +132,8 @@ def _static_tables(seed: int) -> dict[str, list[dict]]:
         "visibility": [{"description": desc, "token": token, "level": level}
                        for token, level, desc in catalog.VISIBILITY],
         "sensor": [{"token": make_token(seed, "sensor", ch), "channel": ch,
-                    "modality": "lidar" if ch == LIDAR else "camera"} for ch in (*CAMERAS, LIDAR)],
+                    "modality": "lidar" if ch == LIDAR else "camera" if ch in CAMERAS else "radar"}
+                   for ch in (*CAMERAS, LIDAR, *RADARS)],
     }
 
 

@@ -34,18 +34,9 @@ def beam_directions() -> np.ndarray:
 _DIRS = beam_directions()
 
 
-def sensor_pose(world: World, t: float) -> tuple[np.ndarray, np.ndarray]:
-    """LIDAR_TOP origin [3] and rotation lidar -> global [3, 3] at time t."""
-    xy, yaw = world.ego_pose(t)
-    c, s = np.cos(yaw), np.sin(yaw)
-    r_ego = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
-    lidar = world.rig.lidar
-    return np.array([xy[0], xy[1], 0.0]) + r_ego @ lidar.translation, r_ego @ lidar.rotation
-
-
 def scan(world: World, t: float, rng: np.random.Generator) -> np.ndarray:
     """One sweep at time t (s from the first key frame): float32 [N, 5] x, y, z, intensity, ring."""
-    origin, rot = sensor_pose(world, t)
+    origin, rot = world.sensor_pose(world.rig.lidar, t)
     n_cols, n_beams = _DIRS.shape[:2]
     dirs = (_DIRS @ rot.T).reshape(-1, 3)             # [C * B, 3] global, unit
     dist = ground_hits(origin, dirs)                  # [R]
@@ -66,12 +57,12 @@ def scan(world: World, t: float, rng: np.random.Generator) -> np.ndarray:
     first_col = np.floor((az[:, 0] + rel.min(1) + np.pi) / step).astype(int) - 1
     last_col = np.ceil((az[:, 0] + rel.max(1) + np.pi) / step).astype(int) + 1
     # Elevation span: the box lies between the ground and its top, at horizontal distance
-    # near .. far from the sensor; 1 degree of margin covers the sensor's tilt.
+    # near .. far from the sensor; 2 degrees of margin cover the sensor's and the ego's tilt.
     far = centre_dist + half_diag
     top = solids.extent[:, 2] - origin[2]
     r_near = np.maximum(near, 0.1)
-    el_max = np.arctan2(top, np.where(top > 0, r_near, far)) + np.deg2rad(1.0)
-    el_min = np.arctan2(-origin[2], r_near) - np.deg2rad(1.0)
+    el_max = np.arctan2(top, np.where(top > 0, r_near, far)) + np.deg2rad(2.0)
+    el_min = np.arctan2(-origin[2], r_near) - np.deg2rad(2.0)
     elevations = np.deg2rad(ELEVATIONS_DEG)
     for i in np.argsort(near, kind="stable"):  # front to back, so occluded rays are skipped early
         if near[i] > MAX_RANGE:

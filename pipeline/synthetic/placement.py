@@ -13,9 +13,9 @@ from pipeline.synthetic.road import (CARRIAGEWAY_EDGE, LANE_CENTRES, PARKING_EDG
                                      draw_ground, make_road)
 from pipeline.synthetic.scenes import SCENES, SceneSpec, mini_scenes
 from pipeline.synthetic.tokens import make_rng, make_token
-
-from pipeline.synthetic.world import (CLUTTER_MARGIN, EGO_CENTRE_OFFSET, EGO_SIZE, KEYFRAME_INTERVAL_US, PLACEMENT_MARGIN,
-                                      ROAD_MARGIN, SWEEP_INTERVAL_US, Clutter, Motion, World, WorldObject, motion_pose)
+from pipeline.synthetic.world import (CLUTTER_MARGIN, EGO_CENTRE_OFFSET, EGO_SIZE, EGO_TILT_DEG, KEYFRAME_INTERVAL_US,
+                                      PLACEMENT_MARGIN, ROAD_MARGIN, SWEEP_INTERVAL_US, Clutter, Motion, World,
+                                      WorldObject, motion_pose)
 
 # Relative frequency of each class among the extra objects (every class also gets one forced
 # object near the ego in every scene, so all classes appear in both mini splits).
@@ -58,10 +58,13 @@ def build_world(seed: int, scene: SceneSpec | int, samples: int) -> World:
                   ground=draw_ground(road, (-ROAD_MARGIN, path + ROAD_MARGIN), crossings, rng),
                   rig=make_rig(rng), ego_profile=profile, ego_speeds=(float(speeds[0]), float(speeds[1])),
                   ego_s0=0.0, ego_d=ego_d, crossings=crossings)
+    tilt_rng = make_rng(seed, "tilt", name)  # its own stream: the rest of the world does not move
+    world.tilt = np.stack([np.deg2rad(tilt_rng.uniform(0.2, 1.0, size=2) * EGO_TILT_DEG),
+                           tilt_rng.uniform(2.0, 6.0, size=2), tilt_rng.uniform(-np.pi, np.pi, size=2)], -1)
     sun_azimuth = rng.uniform(-np.pi, np.pi)
     world.sun = np.array([np.cos(sun_azimuth) * 0.5, np.sin(sun_azimuth) * 0.5, 0.866])
     _add_clutter(world, rng, (-CLUTTER_MARGIN, path + CLUTTER_MARGIN))
-    _add_objects(world, rng, (-PLACEMENT_MARGIN, path + PLACEMENT_MARGIN))
+    _add_objects(world, rng, (-PLACEMENT_MARGIN, path + PLACEMENT_MARGIN), make_rng(seed, "others", name))
     for obj in world.objects:
         obj.instance_token = make_token(seed, "instance", name, obj.index)
     return world
@@ -222,9 +225,12 @@ def _zone_offset(rng: np.random.Generator, zone: str, size: tuple[float, float, 
     raise ValueError(f"unknown placement zone {zone!r}")
 
 
-def _add_objects(world: World, rng: np.random.Generator, s_range: tuple[float, float]) -> None:
-    """Place one object of every class near the ego, then extra objects along its path, with no
-    two boxes (nor a box and the ego or clutter) overlapping at any sweep time."""
+def _add_objects(world: World, rng: np.random.Generator, s_range: tuple[float, float],
+                 others_rng: np.random.Generator) -> None:
+    """Place one object of every class near the ego, then extra objects along its path, then a few
+    annotated objects outside the detection classes (catalog.OTHER_CLASSES, drawn from `others_rng`
+    so that the detection objects stay those of earlier versions), with no two boxes (nor a box and
+    the ego or clutter) overlapping at any sweep time."""
     grid = np.arange(0, 10 * (world.samples - 1) + 1) * SWEEP_INTERVAL_US * 1e-6  # [T] every sweep
     ego_xy, ego_yaw = world.ego_pose(grid)
     ego_centre = ego_xy + EGO_CENTRE_OFFSET * np.stack([np.cos(ego_yaw), np.sin(ego_yaw)], -1)
@@ -234,7 +240,8 @@ def _add_objects(world: World, rng: np.random.Generator, s_range: tuple[float, f
     names = list(_CLASS_WEIGHTS)
     weights = np.array([_CLASS_WEIGHTS[n] for n in names])
 
-    def try_place(cls: catalog.ObjectClass, s: float, attempts: int, group: bool) -> None:
+    def try_place(cls: catalog.ObjectClass, s: float, attempts: int, group: bool,
+                  rng: np.random.Generator = rng) -> None:
         for _ in range(attempts):
             motion, placement, size, category = _propose(world, rng, cls, s)
             if _accept(world, cls, motion, placement, size, category, grid, taken):
@@ -256,6 +263,10 @@ def _add_objects(world: World, rng: np.random.Generator, s_range: tuple[float, f
     for _ in range(int(rng.integers(24, 40))):
         name = names[int(rng.choice(len(names), p=weights / weights.sum()))]
         try_place(catalog.OBJECT_CLASSES[name], rng.uniform(*s_range), 8, group=True)
+    others = list(catalog.OTHER_CLASSES.values())
+    for _ in range(int(others_rng.integers(3, 7))):
+        cls = others[int(others_rng.integers(len(others)))]
+        try_place(cls, mid_s + others_rng.uniform(-30, 30), 8, group=False, rng=others_rng)
 
 
 def _accept(world: World, cls: catalog.ObjectClass, motion: Motion, placement: catalog.Placement,

@@ -79,13 +79,14 @@ class Rig:
         raise KeyError(f"no camera {channel!r}; expected one of {CAMERAS}")
 
 
-def _rot(yaw: float, pitch: float = 0.0, roll: float = 0.0) -> np.ndarray:
-    """Rotation Rz(yaw) @ Ry(pitch) @ Rx(roll)."""
+def rotation_zyx(yaw: np.ndarray | float, pitch: np.ndarray | float = 0.0,
+                 roll: np.ndarray | float = 0.0) -> np.ndarray:
+    """Rotation Rz(yaw) @ Ry(pitch) @ Rx(roll) [..., 3, 3] for angles of any one shape (rad)."""
+    yaw, pitch, roll = np.broadcast_arrays(*(np.asarray(a, dtype=np.float64) for a in (yaw, pitch, roll)))
     cy, sy, cp, sp, cr, sr = np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch), np.cos(roll), np.sin(roll)
-    rz = np.array([[cy, -sy, 0], [sy, cy, 0], [0, 0, 1]])
-    ry = np.array([[cp, 0, sp], [0, 1, 0], [-sp, 0, cp]])
-    rx = np.array([[1, 0, 0], [0, cr, -sr], [0, sr, cr]])
-    return rz @ ry @ rx
+    return np.stack([np.stack([cy * cp, cy * sp * sr - sy * cr, cy * sp * cr + sy * sr], -1),
+                     np.stack([sy * cp, sy * sp * sr + cy * cr, sy * sp * cr - cy * sr], -1),
+                     np.stack([-sp, cp * sr, cp * cr], -1)], -2)
 
 
 # Camera axes (x right, y down, z forward) expressed in a forward-looking ego-aligned frame.
@@ -101,10 +102,10 @@ def make_rig(rng: np.random.Generator, jitter: bool = True) -> Rig:
     for channel in CAMERAS:
         t, yaw, f, cx, cy = _CAMERA_SPECS[channel]
         dyaw, dpitch, droll = np.deg2rad(noise(0.3))
-        rotation = _rot(np.deg2rad(yaw) + dyaw, dpitch, droll) @ _CAMERA_AXES
+        rotation = rotation_zyx(np.deg2rad(yaw) + dyaw, dpitch, droll) @ _CAMERA_AXES
         k = np.array([[f, 0.0, cx], [0.0, f, cy], [0.0, 0.0, 1.0]])
         cameras.append(Sensor(channel, np.array(t) + noise(0.01), rotation, k))
     dyaw, dpitch, droll = np.deg2rad(noise(0.3))
     lidar = Sensor(LIDAR, np.array(_LIDAR_TRANSLATION) + noise(0.01),
-                   _rot(np.deg2rad(_LIDAR_YAW_DEG) + dyaw, 0.3 * dpitch, 0.3 * droll))
+                   rotation_zyx(np.deg2rad(_LIDAR_YAW_DEG) + dyaw, 0.3 * dpitch, 0.3 * droll))
     return Rig(tuple(cameras), lidar)

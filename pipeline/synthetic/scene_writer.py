@@ -1,5 +1,5 @@
-"""Generate one scene: ray-cast its LiDAR sweeps and render its camera key frames into files, and
-build its records of the nuScenes tables (log, scene, sample, sample_data, ego_pose,
+"""Generate one scene: ray-cast its LiDAR sweeps, render its camera key frames and write its radar
+key frames into files, and build its records of the nuScenes tables (log, scene, sample, sample_data, ego_pose,
 calibrated_sensor, instance, sample_annotation).
 
 `num_lidar_pts` is counted the way the devkit counts: the key-frame file read back with
@@ -8,16 +8,17 @@ and calibration records exactly as `NuScenes.get_sample_data` does, then `points
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
-from nuscenes.utils.data_classes import Box, LidarPointCloud
+from nuscenes.utils.data_classes import Box, LidarPointCloud, RadarPointCloud
 from nuscenes.utils.geometry_utils import points_in_box
 from pyquaternion import Quaternion
 
-from pipeline.synthetic import camera, lidar
+from pipeline.synthetic import camera, lidar, radar
 from pipeline.synthetic.catalog import visibility_token
 from pipeline.synthetic.placement import build_world
 from pipeline.synthetic.rig import CAMERAS, LIDAR, camera_trigger_offset_us
@@ -73,16 +74,17 @@ def _link(records: list[Record]) -> None:
 
 
 def write_scene(seed: int, scene: SceneSpec, samples: int, image_size: tuple[int, int], root: Path,
-                camera_trigger: str = "keyframe") -> SceneResult:
+                camera_trigger: str = "sweep") -> SceneResult:
     """Generate `scene` under dataroot `root` and return its records (the same whichever process
     runs it and whatever other scenes the dataset holds). Cameras fire at the LiDAR key frame's
     timestamp ("keyframe") or as the LiDAR sweeps past them ("sweep", rig.camera_trigger_offset_us)."""
     world = build_world(seed, scene, samples)
     name = world.name
     log = _log_record(world)
-    sensor_tokens = {ch: make_token(seed, "sensor", ch) for ch in (*CAMERAS, LIDAR)}
+    sensor_tokens = {ch: make_token(seed, "sensor", ch) for ch in (*CAMERAS, LIDAR, *radar.RADARS)}
+    radars = radar.make_radars(make_rng(seed, "radar_rig", name))
     calib: dict[str, Record] = {}
-    for sensor in (*world.rig.cameras, world.rig.lidar):
+    for sensor in (*world.rig.cameras, world.rig.lidar, *radars):
         calib[sensor.channel] = {
             "token": make_token(seed, "calibrated_sensor", name, sensor.channel),
             "sensor_token": sensor_tokens[sensor.channel],
@@ -103,13 +105,15 @@ def write_scene(seed: int, scene: SceneSpec, samples: int, image_size: tuple[int
     def add_sample_data(channel: str, key: str, timestamp: int, sample_token: str, is_key: bool,
                         filename: str, size: tuple[int, int]) -> Record:
         token = make_token(seed, "sample_data", name, channel, key)
-        xy, yaw = world.ego_pose((timestamp - world.start_us) * 1e-6)
-        ego = {"token": token, "timestamp": timestamp, "rotation": yaw_quaternion(float(yaw)),
+        t = (timestamp - world.start_us) * 1e-6
+        xy, _ = world.ego_pose(t)
+        rotation = [float(v) for v in Quaternion(matrix=world.ego_rotation(t), atol=1e-9).elements]
+        ego = {"token": token, "timestamp": timestamp, "rotation": rotation,
                "translation": [float(xy[0]), float(xy[1]), 0.0]}
         ego_poses.append(ego)
         record = {"token": token, "sample_token": sample_token, "ego_pose_token": token,
                   "calibrated_sensor_token": calib[channel]["token"], "timestamp": timestamp,
-                  "fileformat": "pcd" if channel == LIDAR else "jpg", "is_key_frame": is_key,
+                  "fileformat": "jpg" if channel in CAMERAS else "pcd", "is_key_frame": is_key,
                   "height": size[1], "width": size[0], "filename": filename, "prev": "", "next": ""}
         sample_data.append(record)
         return record
@@ -152,6 +156,7 @@ def write_scene(seed: int, scene: SceneSpec, samples: int, image_size: tuple[int
         _link(chain)
 
     annotations, instances = _annotate(world, sample_records, key_lidar, ego_poses, calib[LIDAR], visible, covered)
+    _write_radar(world, radars, sample_records, annotations, log["logfile"], root, add_sample_data, calib, ego_poses)
     scene = {"token": scene_token, "log_token": log["token"], "nbr_samples": samples,
              "first_sample_token": sample_records[0]["token"], "last_sample_token": sample_records[-1]["token"],
              "name": name, "description": _describe(world, len(instances))}
@@ -201,6 +206,39 @@ def _annotate(world: World, samples: list[Record], key_lidar: list[tuple[Record,
         for record, count in zip(records, _count_points(boxes, points[k])):
             record["num_lidar_pts"] = count
     return [r for records in per_sample for r in records], instances
+
+
+def _write_radar(world: World, radars: tuple, samples: list[Record], annotations: list[Record], logfile: str,
+                 root: Path, add_sample_data: Callable[..., Record], calib: dict[str, Record],
+                 ego_poses: list[Record]) -> None:
+    """Each radar's key frames (radar.py) as files and sample_data records, and every annotation's
+    `num_radar_pts`: the points of all five radars in its box, read back and counted the devkit's way."""
+    seed, name = world.seed, world.name
+    by_instance = {obj.instance_token: obj.index for obj in world.objects}
+    per_sample: dict[str, list[Record]] = {}
+    for record in annotations:
+        per_sample.setdefault(record["sample_token"], []).append(record)
+    for sensor in radars:
+        chain = []
+        for k, sample in enumerate(samples):
+            rng = make_rng(seed, "radar", name, sensor.channel, k)
+            timestamp = sample["timestamp"] + radar.trigger_offset_us(rng)
+            records = per_sample.get(sample["token"], [])
+            seen = np.zeros(len(world.objects), dtype=bool)
+            seen[[by_instance[r["instance_token"]] for r in records if r["num_lidar_pts"] > 0]] = True
+            filename = f"samples/{sensor.channel}/{logfile}__{sensor.channel}__{timestamp}.pcd"
+            radar.write_pcd(radar.returns(world, sensor, (timestamp - world.start_us) * 1e-6, seen, rng),
+                            root / filename)
+            record = add_sample_data(sensor.channel, str(k), timestamp, sample["token"], True, filename, (0, 0))
+            chain.append(record)
+            points = RadarPointCloud.from_file(str(root / filename)).points[:3]
+            if points.shape[1] and records:
+                pose = ego_poses[-1]  # the one add_sample_data just made for this record
+                assert pose["token"] == record["ego_pose_token"]
+                boxes = [box_in_sensor(r, pose, calib[sensor.channel]) for r in records]
+                for r, count in zip(records, _count_points(boxes, points)):
+                    r["num_radar_pts"] += count
+        _link(chain)
 
 
 def _count_points(boxes: list[Box], points: np.ndarray) -> list[int]:

@@ -4,7 +4,8 @@ poles, walls).
 
 Everything is a function of time (seconds from the scene's first key frame), so LiDAR sweeps,
 cameras and annotations all see the same world at their own times. The global frame is flat:
-the ground is z = 0, ego poses have z = 0 and yaw only, objects stand on the ground.
+the ground is z = 0 and objects stand on it; ego poses have z = 0 (as in nuScenes) and the road's
+yaw with a small pitch and roll (the car rocking on its suspension), which every sensor shares.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.synthetic.rig import Rig
+from pipeline.synthetic.rig import Rig, Sensor, rotation_zyx
 from pipeline.synthetic.road import Ground, Road
 
 KEYFRAME_INTERVAL_US = 500_000  # 2 Hz key frames
@@ -26,6 +27,7 @@ CLUTTER_MARGIN = 90.0           # buildings and poles this far (farther ones wou
 # Ego vehicle footprint relative to its origin (rear axle): centre offset, length, width, height.
 EGO_CENTRE_OFFSET = 1.3
 EGO_SIZE = (4.1, 1.8, 1.6)
+EGO_TILT_DEG = 0.6  # largest ego pitch and roll: a car rocking on its suspension (nuScenes: ~1 degree)
 
 @dataclass(frozen=True)
 class Motion:
@@ -120,6 +122,8 @@ class World:
     ego_s0: float
     ego_d: float
     crossings: list[float]
+    # Ego pitch and roll as sines of time: rows pitch, roll; columns amplitude (rad), period (s), phase (rad).
+    tilt: np.ndarray = field(default_factory=lambda: np.array([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]))
     objects: list[WorldObject] = field(default_factory=list)
     clutter: list[Clutter] = field(default_factory=list)
     sun: np.ndarray = field(default_factory=lambda: np.array([0.4, 0.3, 0.87]))
@@ -142,6 +146,19 @@ class World:
         """Ego origin [..., 2] (global xy) and yaw [...] at time t (s)."""
         s = self.ego_s(t)
         return self.road.point(s, np.full_like(s, self.ego_d))
+
+    def ego_rotation(self, t: np.ndarray | float) -> np.ndarray:
+        """Ego -> global rotation [..., 3, 3] at time t: the road's yaw, then the ego's pitch and roll."""
+        t = np.asarray(t, dtype=np.float64)
+        _, yaw = self.ego_pose(t)
+        pitch, roll = (a * np.sin(2 * np.pi * t / period + phase) for a, period, phase in self.tilt)
+        return rotation_zyx(yaw, pitch, roll)
+
+    def sensor_pose(self, sensor: Sensor, t: float) -> tuple[np.ndarray, np.ndarray]:
+        """Origin [3] and rotation sensor -> global [3, 3] of a rig sensor at time t (s)."""
+        xy, _ = self.ego_pose(t)
+        r_ego = self.ego_rotation(t)
+        return np.array([xy[0], xy[1], 0.0]) + r_ego @ sensor.translation, r_ego @ sensor.rotation
 
     # --- objects ---
 
