@@ -3,6 +3,7 @@ caching spread over nodes, one devkit open for a whole cache job and training ru
 data, a node killed mid-job, a training worker killed mid-run, full or unwritable storage."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -10,6 +11,8 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -134,23 +137,30 @@ def test_a_training_worker_killed_mid_run_resumes_from_its_checkpoint(two_nodes,
     assert torch.load(run / "model.pt", weights_only=False)["extra"]["epoch"] == epochs
 
 
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str, purpose: str) -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `path` for the block (root only: the test is skipped where
+    mounting is not allowed)."""
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs {purpose} here ({done.stderr.strip()}); needs root")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
 @pytest.fixture
 def read_only_dataroot(nusc_root, tmp_path):
     """A copy of the generated dataroot on a tmpfs remounted read-only, as a cluster's shared dataset
-    storage often is (root bypasses file modes, not a read-only mount). Skipped where mounting is not
-    allowed (needs root)."""
-    mount = tmp_path / "ro_nuscenes"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1g", "tmpfs", str(mount)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs for a read-only dataroot here ({done.stderr.strip()}); needs root")
-    try:
+    storage often is (root bypasses file modes, not a read-only mount)."""
+    with tmpfs(tmp_path / "ro_nuscenes", "1g", "for a read-only dataroot") as mount:
         shutil.copytree(nusc_root, mount, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".index"))
         done = subprocess.run(["mount", "-o", "remount,ro", str(mount)], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 @pytest.mark.slow
@@ -226,16 +236,9 @@ def test_an_unwritable_cache_location_is_a_clear_error(tiny_teacher, nusc_root, 
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 3 MiB tmpfs (root only; the test is skipped where mounting is not allowed)."""
-    mount = tmp_path / "small_disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to fill up here ({done.stderr.strip()}); needs root")
-    try:
+    """A 3 MiB tmpfs to fill up."""
+    with tmpfs(tmp_path / "small_disk", "3m", "to fill up") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 @pytest.mark.slow
