@@ -13,6 +13,7 @@ from pipeline.experiments import paper_plan as pp
 from pipeline.experiments import paper_table as pt
 from pipeline.experiments.paper_report import format_mean_std, format_results_md, group_by_path, plot_results, write_csv
 from pipeline.experiments.runs import Progress, dataset_matches, mean_std
+from pipeline.synthetic.dataset import GENERATOR_VERSION
 from stages import paper_table as stage
 
 ALL = list(pp.PATHS)
@@ -208,14 +209,20 @@ def test_eta_adds_mean_step_times_by_kind_and_names_untimed_kinds():
 
 
 def test_generated_dataset_is_reused_only_when_made_with_the_same_settings():
-    meta = {"version": "v1.0-trainval", "seed": 0, "samples_per_scene": 10, "image_size": [800, 450],
-            "scenes": ["scene-0001", "scene-0002", "scene-0003"], "val_scenes": ["scene-0003"]}
+    meta = {"generator_version": GENERATOR_VERSION, "version": "v1.0-trainval", "seed": 0, "samples_per_scene": 10,
+            "image_size": [800, 450], "scenes": ["scene-0001", "scene-0002", "scene-0003"],
+            "val_scenes": ["scene-0003"], "camera_trigger": "sweep"}
     assert dataset_matches(meta, dict(version="v1.0-trainval", scenes=3, val_scenes=1, samples_per_scene=10))
     assert dataset_matches(meta, dict(image_size=(800, 450), seed=0))
     assert not dataset_matches(meta, dict(version="v1.0-trainval", scenes=4))
+    assert not dataset_matches(meta, dict(seed=0, camera_trigger="keyframe"))
+    # A dataset of an older generator (version 1: no tilt, radar or other categories) is made again.
+    assert not dataset_matches({**meta, "generator_version": 1}, dict(seed=0))
+    assert not dataset_matches({k: v for k, v in meta.items() if k != "generator_version"}, dict(seed=0))
     tiny = pp.table_dataset("tiny")
-    assert dataset_matches({"seed": 0, "samples_per_scene": 10}, tiny | {"version": "v1.0-mini"})
-    assert not dataset_matches({"seed": 1, "samples_per_scene": 10}, tiny)
+    mini = {"generator_version": GENERATOR_VERSION, "seed": 0, "samples_per_scene": 10, "camera_trigger": "sweep"}
+    assert dataset_matches(mini, tiny | {"version": "v1.0-mini"})
+    assert not dataset_matches({**mini, "seed": 1}, tiny)
     # The small presets' table trains on the larger trainval-format set they were tuned on.
     small = pp.table_dataset("small")
     assert small["version"] == "v1.0-trainval" and small["scenes"] == 80 and small["image_size"] == (400, 225)

@@ -27,6 +27,7 @@ from pipeline.synthetic.tokens import make_token
 
 VERSION = MINI  # the default version
 DEFAULT_IMAGE_SIZE = (800, 450)  # (W, H): half the nuScenes resolution
+DEFAULT_CAMERA_TRIGGER = "sweep"
 GENERATOR_VERSION = 2  # 2: ego pitch and roll, radar key frames, annotated objects outside the 10 classes
 META_FILE = "synthetic.json"
 TABLES = ("category", "attribute", "visibility", "instance", "sensor", "calibrated_sensor", "ego_pose", "log",
@@ -48,7 +49,7 @@ def check_image_size(image_size: tuple[int, int]) -> tuple[int, int]:
 def generate(out_dir: Path, samples_per_scene: int = 10, seed: int = 0,
              image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE, workers: int = 1, overwrite: bool = False, *,
              version: str = VERSION, scenes: int | None = None, val_scenes: int | None = None,
-             camera_trigger: str = "sweep") -> dict:
+             camera_trigger: str = DEFAULT_CAMERA_TRIGGER) -> dict:
     """Write the generated dataset under `out_dir` and return its summary (see `summarize`) with
     the generation time in seconds.
 
