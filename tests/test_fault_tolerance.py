@@ -176,7 +176,7 @@ def test_a_cache_job_and_a_two_worker_training_open_the_devkit_once_in_all(two_n
     jobs = {
         "cache": [sys.executable, "stages/cache_teacher.py", "--teacher", str(tiny_teacher), "--dataroot", root,
                   "--split", SPLIT, "--cache", str(tmp_path / "cache"), "--shard-samples", "2", "--loaders", "3",
-                  "--actors", "2", "--cpus-per-actor", "1", "--address", two_nodes["address"]],
+                  "--actors", "2", "--cpus-per-actor", "1", "--views", "1", "--address", two_nodes["address"]],
         "train": [sys.executable, "stages/train_teacher.py", "--config", "tiny_lidar", "--dataroot", root,
                   "--split", SPLIT, "--output", str(tmp_path / "run"), "--set", "train.epochs=1",
                   "--set", "runtime.num_workers=2", "--set", "runtime.cpus_per_worker=2",
