@@ -22,20 +22,22 @@ def test_presets_give_the_paper_and_tiny_grids():
 
 
 @pytest.mark.parametrize("name", ["small_lidar", "small_camera", "small_fusion", "small_lidar_to_camera",
-                                  "small_fusion_to_camera", "small_camera_to_lidar", "small_fusion_to_lidar"])
+                                  "small_fusion_to_camera", "small_camera_to_lidar", "small_fusion_to_lidar",
+                                  "small_camera_depth"])
 def test_small_presets_share_the_near_range_setting(name: str):
     """Every small config (the benchmark where detectors learn) is on the one near-range grid, with
-    depth bins reaching its corners, LiDAR-supervised camera depth and class ranges inside the grid."""
+    depth bins reaching its corners, the paper's implicit camera depth (small_camera_depth: LiDAR-
+    supervised) and class ranges inside the grid."""
     cfg = load_config(name)
     grid = BEVGrid.from_config(cfg["grid"])
     assert (grid.H, grid.W) == (64, 64) and grid.cell == pytest.approx(0.8)
     d0, d1, _ = cfg["model"]["camera_encoder"]["d_bound"]
     assert d0 <= 1.0 and d1 >= float(np.hypot(grid.x_min, grid.y_min))
-    assert cfg["model"]["camera_encoder"]["depth_loss_weight"] > 0
+    assert (cfg["model"]["camera_encoder"]["depth_loss_weight"] > 0) == (name == "small_camera_depth")
     # image features at stride 8 of 128x352 images: 16x44 per camera (tiny: 4x11, too coarse to learn)
     assert cfg["data"]["image_size"] == [128, 352] and cfg["model"]["camera_encoder"]["neck_strides"][1] == 1
     assert cfg["eval"]["max_range"] <= -grid.x_min
-    if "_to_" in name:
+    if "_to_" in name:  # (small_camera_depth is a camera detector, not a path)
         teacher, student = name.removeprefix("small_").split("_to_")
         assert cfg["distill"]["teacher_modality"] == teacher and cfg["model"]["modality"] == student
 
