@@ -1,9 +1,9 @@
 """The paper's tables in one command: teachers, caches, baselines and distilled students of the
 UniDistill paths over seeds, evaluated by the devkit, plus the loss ablation on lidar -> camera.
 
-    python stages/paper_table.py --out paper_out                      # generated data, tiny presets
+    python stages/paper_table.py --out paper_out                      # generated trainval set, small presets
     python stages/paper_table.py --out paper_out --paths lidar_to_camera --seeds 0,1,2
-    python stages/paper_table.py --out paper_out --preset small       # generated trainval set, near range
+    python stages/paper_table.py --out smoke_out --preset tiny        # generated mini set: minutes, no learning
     python stages/paper_table.py --out paper_out --preset nuscenes --dataroot /data/nuscenes \
         --version v1.0-trainval --set model.camera_encoder.pretrained=resnet50-0676ba61.pth
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python stages/paper_table.py ...
@@ -32,9 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folder for the runs, caches, evaluations and tables (absolute under `ray job submit`)")
     ap.add_argument("--paths", default=ALL_PATHS, help=f"comma-separated distillation paths (default: {ALL_PATHS})")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds of baselines and students (0,1,2)")
-    ap.add_argument("--preset", default="tiny", help="config prefix: PRESET_lidar, PRESET_lidar_to_camera, ... (tiny)")
+    ap.add_argument("--preset", default="small",
+                    help="config prefix: PRESET_lidar, PRESET_lidar_to_camera, ... (small: the setting where the "
+                         "detectors learn on generated data; tiny: a smoke run)")
     ap.add_argument("--dataroot", default=None, help="nuScenes dataroot (default: generate one into OUT/nuscenes)")
-    ap.add_argument("--version", default=None, help="nuScenes version of --dataroot (default: v1.0-mini)")
+    ap.add_argument("--version", default=None,
+                    help="nuScenes version of --dataroot (default: the preset's generated set's, v1.0-trainval for small)")
     ap.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=None,
                     help="the loss ablation on lidar_to_camera (default: on when that path is chosen)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -110,7 +110,8 @@ def test_paths_seeds_and_presets_are_checked_with_clear_messages():
     (["--preset", "huge"], "--preset 'huge': stages/configs/ has no huge_lidar"),
     (["--set", "train.epochz=1"], "unknown key 'epochz' under train"),
     (["--paths", "camera_to_lidar", "--ablation"], "--ablation needs lidar_to_camera"),
-    (["--version", "v1.0-trainval"], "--version v1.0-trainval needs --dataroot"),
+    (["--version", "v1.0-trainval", "--preset", "tiny"], "--version v1.0-trainval needs --dataroot"),
+    (["--version", "v1.0-mini"], "--version v1.0-mini needs --dataroot"),  # the small preset generates trainval
 ])
 def test_cli_refuses_bad_input_in_one_line_before_any_work(tmp_path, capsys, argv, message):
     from stages._cli import run_main
@@ -233,8 +234,8 @@ def test_generated_dataset_is_reused_only_when_made_with_the_same_settings():
 def test_one_path_one_seed_end_to_end_then_all_reused(ray_cluster, nusc_root, tmp_path, monkeypatch):
     monkeypatch.setattr(pt, "CACHE_VIEWS", 2)  # replay still needs 2; fewer teacher passes than 4
     out = tmp_path / "table"
-    argv = ["--out", str(out), "--paths", "lidar_to_camera", "--seeds", "0", "--no-ablation", "--dataroot",
-            str(nusc_root), "--set", "train.epochs=1", "--set", "train.batch_size=2", "--set",
+    argv = ["--out", str(out), "--paths", "lidar_to_camera", "--seeds", "0", "--no-ablation", "--preset", "tiny",
+            "--dataroot", str(nusc_root), "--set", "train.epochs=1", "--set", "train.batch_size=2", "--set",
             "train.precise_bn_batches=2", "--set", "runtime.torch_threads=1"]  # 1 thread: no OpenMP spinning when busy
     t0 = time.perf_counter()
     stage.main(argv)

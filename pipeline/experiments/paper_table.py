@@ -197,7 +197,7 @@ def write_outputs(runner: TableRunner, seconds: float) -> Path:
     return out / "results.md"
 
 
-def make_table(out: str | Path, paths: Sequence[str], seeds: Sequence[int], preset: str = "tiny",
+def make_table(out: str | Path, paths: Sequence[str], seeds: Sequence[int], preset: str = "small",
                dataroot: str | Path | None = None, version: str | None = None, ablation: bool | None = None,
                overrides: Sequence[str] = (), address: str | None = None) -> Path:
     """Check the inputs, run every step of the table in one Ray session and write its outputs.
