@@ -37,14 +37,14 @@ class StepTimes:
 def dataset_matches(meta: Mapping[str, Any], settings: Mapping[str, Any]) -> bool:
     """Whether a generated dataset's settings file (synthetic.json) records `settings` (generate's
     keywords) and this generator version: scene counts are compared with its scene lists, a missing
-    version is v1.0-mini, a camera trigger not given is the generator's default."""
+    version is v1.0-mini, a camera trigger not given is the generator's default (version 2 files
+    always record theirs)."""
     from pipeline.synthetic.dataset import DEFAULT_CAMERA_TRIGGER, GENERATOR_VERSION
 
     if meta.get("generator_version", 1) != GENERATOR_VERSION:  # older data is easier: make it again
         return False
-    implied = {"version": "v1.0-mini", "camera_trigger": "keyframe"}  # what files without the key hold
     for key, want in {"camera_trigger": DEFAULT_CAMERA_TRIGGER, **settings}.items():
-        have = meta.get(key, implied.get(key))
+        have = meta.get(key, "v1.0-mini" if key == "version" else None)
         if key in ("scenes", "val_scenes") and isinstance(have, list):
             have = len(have)
         if (list(want) if isinstance(want, tuple) else want) != have:

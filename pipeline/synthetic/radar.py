@@ -64,7 +64,7 @@ def returns(world: World, sensor: Sensor, t: float, seen: np.ndarray, rng: np.ra
 
     seen [num objects] bool: the objects the key frame's LiDAR hit (the ones that may return)."""
     origin, rot = world.sensor_pose(sensor, t)             # sensor -> global
-    ego_velocity = _ego_velocity(world, t)                  # [3] global
+    ego_velocity = (rot.T @ _ego_velocity(world, t))[:2]    # [2] sensor frame
     rows = []
     for obj in (o for o, s in zip(world.objects, seen) if s):
         xy, yaw = world.object_pose(obj, t)
@@ -78,13 +78,13 @@ def returns(world: World, sensor: Sensor, t: float, seen: np.ndarray, rng: np.ra
         c, s = np.cos(yaw_s), np.sin(yaw_s)
         pts = centre[:2] + local @ np.array([[c, s], [-s, c]])
         velocity = rot.T @ np.append(world.object_velocity(obj, t), 0.0)          # [3] sensor frame
-        rows.append(_points(pts, velocity[:2], (rot.T @ ego_velocity)[:2], rng))
+        rows.append(_points(pts, velocity[:2], ego_velocity, rng))
     for clutter in world.clutter:  # poles: strong stationary returns
         if max(clutter.size[:2]) > 0.5:
             continue
         centre = rot.T @ (np.array([*clutter.centre, 0.0]) - origin)
         if _in_view(centre):
-            rows.append(_points(centre[None, :2], np.zeros(2), (rot.T @ ego_velocity)[:2], rng))
+            rows.append(_points(centre[None, :2], np.zeros(2), ego_velocity, rng))
     points = np.concatenate(rows) if rows else np.zeros(0, POINT_DTYPE)
     points["id"] = np.arange(len(points))
     return points
