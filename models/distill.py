@@ -12,7 +12,10 @@ rows with gt_mask False are padding and contribute nothing anywhere (unlike the 
 response mask, spec §2.5).
 
 Teacher maps may come from a float16 cache: they are cast to float32 and detached here, so
-nothing flows back into a teacher. The adaptation layers live in `UniDistillLoss`, not in the
+nothing flows back into a teacher. A keypoint cache gives, instead of maps, the teacher's
+keypoint samples (`low_keypoints`, `high_keypoints` [B, M, 9, C], aligned with gt_boxes) and its
+heat map and regression at the response mask's cells (`response_cells` [B, N], `heatmap_cells`,
+`regression_cells` [B, N, C]); the losses are then the same sums over the same values. The adaptation layers live in `UniDistillLoss`, not in the
 student, so an exported student is the plain detector.
 """
 from __future__ import annotations
@@ -114,6 +117,20 @@ def relation_distill_loss(student: Tensor, teacher: Tensor, valid: Tensor,
     return _box_mean(per_box, valid.bool(), reduce_count)
 
 
+def _response_terms(s_hm: Tensor, s_reg: Tensor, t_hm: Tensor, t_reg: Tensor, temperature: float,
+                    teacher_eps: float, student_eps: float) -> tuple[Tensor, Tensor]:
+    """Per-cell L_Resp distances (cls [B, N], reg [B, N]) of heat maps [B, 10, N] and regression [B, 66, N]."""
+    p_s = s_hm.float().sigmoid().clamp(student_eps, 1 - student_eps)
+    p_t = (t_hm.detach().float() / temperature).sigmoid().clamp(teacher_eps, 1 - teacher_eps)
+    d_cls = (p_s.max(dim=1).values - p_t.max(dim=1).values).abs()
+    d_reg = (s_reg.float() - t_reg.detach().float()).abs().mean(dim=1)
+    return d_cls, d_reg
+
+
+def _mask_norm(mask_sum: Tensor, reduce_count: ReduceCount | None) -> Tensor:
+    return (reduce_count(mask_sum) if reduce_count is not None else mask_sum) + NORM_EPS
+
+
 def response_distill_loss(student_heatmap: Tensor, student_regression: Tensor, teacher_heatmap: Tensor,
                           teacher_regression: Tensor, mask: Tensor, *, temperature: float = 2.0,
                           teacher_eps: float = 1e-4, student_eps: float = STUDENT_EPS,
@@ -124,16 +141,45 @@ def response_distill_loss(student_heatmap: Tensor, student_regression: Tensor, t
     reg: D = mean over the 66 channels of |R_S - R_T|. Heat maps are logits [B, 10, H, W],
     regression [B, 66, H, W], mask [B, H, W]. Teacher inputs are detached and cast to float32.
     """
-    p_s = student_heatmap.float().sigmoid().clamp(student_eps, 1 - student_eps)  # [B, 10, H, W]
-    p_t = (teacher_heatmap.detach().float() / temperature).sigmoid().clamp(teacher_eps, 1 - teacher_eps)
-    d_cls = (p_s.max(dim=1).values - p_t.max(dim=1).values).abs()  # [B, H, W]
-    d_reg = (student_regression.float() - teacher_regression.detach().float()).abs().mean(dim=1)  # [B, H, W]
-    mask = mask.to(d_cls.dtype)
-    norm = mask.sum()
-    if reduce_count is not None:
-        norm = reduce_count(norm)
-    norm = norm + NORM_EPS
+    d_cls, d_reg = _response_terms(student_heatmap.flatten(2), student_regression.flatten(2),
+                                   teacher_heatmap.flatten(2), teacher_regression.flatten(2),
+                                   temperature, teacher_eps, student_eps)  # [B, H*W] each
+    mask = mask.flatten(1).to(d_cls.dtype)
+    norm = _mask_norm(mask.sum(), reduce_count)
     return (d_cls * mask).sum() / norm, (d_reg * mask).sum() / norm
+
+
+def response_distill_loss_at_cells(student_heatmap: Tensor, student_regression: Tensor, teacher_heatmap: Tensor,
+                                   teacher_regression: Tensor, cells: Tensor, mask: Tensor, *,
+                                   temperature: float = 2.0, teacher_eps: float = 1e-4,
+                                   student_eps: float = STUDENT_EPS,
+                                   reduce_count: ReduceCount | None = None) -> tuple[Tensor, Tensor]:
+    """L_Resp with the teacher given only at some cells (a keypoint cache): equal to
+    response_distill_loss on maps that hold the teacher's values at those cells, provided the mask
+    is zero everywhere else (checked: a mask reaching an unstored cell raises UserError).
+
+    student maps [B, 10 | 66, H, W]; teacher_heatmap [B, N, 10], teacher_regression [B, N, 66] at
+    flat cells [B, N] (row * W + col; -1 = padding); mask [B, H, W].
+    """
+    valid = cells >= 0  # [B, N]
+    idx = cells.clamp(min=0)
+    flat_mask = mask.flatten(1).float()  # [B, H*W]
+    m = torch.where(valid, flat_mask.gather(1, idx), torch.zeros_like(idx, dtype=flat_mask.dtype))  # [B, N]
+    outside = flat_mask.sum(1) - m.sum(1)  # [B] mask weight on cells the teacher was not stored at
+    if bool((outside > 1e-3 * flat_mask.sum(1).clamp(min=1)).any()):
+        worst = int(outside.argmax())
+        raise UserError(f"UniDistillLoss: the response mask of batch sample {worst} reaches cells the keypoint cache "
+                        f"did not store (mask weight {float(outside[worst]):.3f} outside them): the student's "
+                        f"distill.response.min_overlap must be at least the cache's, and its GT the teacher's")
+
+    def at(maps: Tensor) -> Tensor:  # [B, C, H, W] -> [B, C, N]
+        flat = maps.flatten(2)
+        return flat.gather(2, idx[:, None].expand(-1, flat.shape[1], -1))
+
+    d_cls, d_reg = _response_terms(at(student_heatmap), at(student_regression), teacher_heatmap.transpose(1, 2),
+                                   teacher_regression.transpose(1, 2), temperature, teacher_eps, student_eps)
+    norm = _mask_norm(flat_mask.sum(), reduce_count)
+    return (d_cls * m).sum() / norm, (d_reg * m).sum() / norm
 
 
 # --- adaptation ----------------------------------------------------------------------------------
@@ -247,33 +293,56 @@ class UniDistillLoss(nn.Module):
             if not self.weights[name]:
                 continue
             s = self._map(student_out, level, "student", gt_boxes.shape[0]).float()  # [B, C_s, H, W]
-            t = self._map(teacher_out, level, "teacher", gt_boxes.shape[0]).detach().float()  # [B, C_t, H, W]
+            t_kp = self._teacher_keypoints(teacher_out, level, gt_boxes.shape[:2])  # [B, M, 9, C_t] from a keypoint cache
+            t = t_kp if t_kp is not None else self._map(teacher_out, level, "teacher", gt_boxes.shape[0]).detach().float()
             adapter = getattr(self.adaptation, level) if self.adaptation is not None else None
             if adapter is not None:
                 s = adapter(s)
             # Relations are 9 x 9 whatever the width, so only feature KD (or an adapter) needs equal widths.
-            if s.shape[1] != t.shape[1] and (name == "feature" or adapter is not None):
-                raise ValueError(self._width_error(name, level, s.shape[1], t.shape[1], adapter is not None))
+            t_width = t.shape[-1] if t_kp is not None else t.shape[1]
+            if s.shape[1] != t_width and (name == "feature" or adapter is not None):
+                raise ValueError(self._width_error(name, level, s.shape[1], t_width, adapter is not None))
             s_kp = sample_at_keypoints(s, keypoints, self.grid, transpose)  # [B, M, 9, C]
-            with torch.no_grad():
-                t_kp = sample_at_keypoints(t, keypoints, self.grid, transpose)
+            if t_kp is None:
+                with torch.no_grad():
+                    t_kp = sample_at_keypoints(t, keypoints, self.grid, transpose)
             losses[name] = self.weights[name] * loss_fn(s_kp, t_kp, valid, reduce_count)
 
         if self.weights["response"]:
             b = gt_boxes.shape[0]
-            maps = {f"{who}_{k}": self._map(out, k, who, b, channels)
-                    for who, out in (("student", student_out), ("teacher", teacher_out))
+            cells = teacher_out.get("response_cells")  # [B, N] from a keypoint cache, else None
+            sources = (("student", student_out),) if cells is not None else (("student", student_out),
+                                                                              ("teacher", teacher_out))
+            maps = {f"{who}_{k}": self._map(out, k, who, b, channels) for who, out in sources
                     for k, channels in (("heatmap", NUM_CLASSES), ("regression", NUM_REGRESSION))}
             mask = box_gaussian_mask(gt_boxes, valid, self.grid, self.min_overlap)  # [B, H, W]
-            cls, reg = response_distill_loss(maps["student_heatmap"], maps["student_regression"],
-                                             maps["teacher_heatmap"], maps["teacher_regression"], mask,
-                                             temperature=self.temperature, teacher_eps=self.teacher_eps,
-                                             reduce_count=reduce_count)
+            kw = {"temperature": self.temperature, "teacher_eps": self.teacher_eps, "reduce_count": reduce_count}
+            if cells is not None:
+                cls, reg = response_distill_loss_at_cells(maps["student_heatmap"], maps["student_regression"],
+                                                          teacher_out["heatmap_cells"], teacher_out["regression_cells"],
+                                                          cells, mask, **kw)
+            else:
+                cls, reg = response_distill_loss(maps["student_heatmap"], maps["student_regression"],
+                                                 maps["teacher_heatmap"], maps["teacher_regression"], mask, **kw)
             losses["response_cls"] = self.weights["response"] * cls
             losses["response_reg"] = self.weights["response"] * reg
 
         losses["distill"] = losses["feature"] + losses["relation"] + losses["response_cls"] + losses["response_reg"]
         return losses
+
+    def _teacher_keypoints(self, teacher_out: Mapping[str, Tensor], level: str, bm: tuple[int, int]) -> Tensor | None:
+        """teacher_out[f"{level}_keypoints"] [B, M, 9, C] as float32 (a keypoint cache's samples, aligned
+        with gt_boxes), or None when the teacher gives maps. Mirrored keypoints were not stored."""
+        t = teacher_out.get(f"{level}_keypoints")
+        if t is None:
+            return None
+        if self.keypoint_transpose:
+            raise UserError("UniDistillLoss: keypoint_transpose samples mirrored keypoints, which a keypoint cache "
+                             "did not store; use a dense cache for that comparison")
+        if t.dim() != 4 or tuple(t.shape[:3]) != (*bm, 9):
+            raise ValueError(f"UniDistillLoss: teacher {level}_keypoints must be [{bm[0]}, {bm[1]}, 9, C] "
+                             f"(aligned with gt_boxes), got {tuple(t.shape)}")
+        return t.detach().float()
 
     def _map(self, out: Mapping[str, Tensor], key: str, who: str, batch: int, channels: int | None = None) -> Tensor:
         """out[key] checked to be [batch, C, H, W] on this grid (C = `channels` or the configured width)."""

@@ -2,9 +2,9 @@
 and head responses in a sharded Zarr v3 cache (DESIGN §3.4).
 
     python stages/cache_teacher.py --teacher runs/lidar_teacher/model.pt --dataroot DIR \
-        --split mini_train --cache caches/lidar_mini_train [--views K] [--storage dense|foreground]
+        --split mini_train --cache caches/lidar_mini_train [--views K] [--storage dense|foreground|keypoints]
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python stages/cache_teacher.py ...
-    python stages/cache_teacher.py --cache URI --verify | --inspect | --render TOKEN [--view K]
+    python stages/cache_teacher.py --cache URI --verify | --inspect | --render TOKEN [--view K] [--dataroot DIR]
 
 Re-running the same command skips the shards already written; a cache of the same fingerprint is
 reused as is; a different fingerprint at the same URI is refused unless --overwrite.
@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--split", default=None, help="split to cache (default: the version's train split)")
     ap.add_argument("--views", type=int, default=1, help="views per sample: 1 = canonical only; K > 1 adds "
                     "K-1 seeded BEV augmentations for exact replay")
-    ap.add_argument("--storage", default="dense", choices=("dense", "foreground"))
+    ap.add_argument("--storage", default="dense", choices=("dense", "foreground", "keypoints"),
+                    help="dense: whole maps; foreground: map tiles near GT boxes; keypoints: only what the losses read "
+                         "(the 9 keypoints of every GT box and the response mask's cells), ~1-3%% of dense")
     ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     ap.add_argument("--shard-samples", type=int, default=8, help="samples per shard (the unit of writing)")
     ap.add_argument("--tile", type=int, default=None,
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.verify or args.inspect or args.render:
         from pipeline.cache.inspection import run_check
 
-        sys.exit(run_check(args.cache, args.verify, args.inspect, args.render, args.view, args.out))
+        sys.exit(run_check(args.cache, args.verify, args.inspect, args.render, args.view, args.out, args.dataroot))
     if not args.teacher or not args.dataroot:
         ap.error("--teacher and --dataroot are needed to build a cache")
 

@@ -163,7 +163,8 @@ def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def caches(ray_cluster, tiny_teacher, nusc_root, tmp_path_factory):
     """Caches of `tiny_teacher` over generated mini_val (6 samples, shards of 2), built once per session:
-    dense with 1 and 2 views, foreground with 2 views. Tests that damage a cache work on a copy."""
+    dense with 1 and 2 views, foreground and keypoint storage with 2 views. Tests that damage a cache
+    work on a copy."""
     from pipeline.cache.build import build_cache
     from pipeline.cache.plan import CacheRequest
 
@@ -171,7 +172,8 @@ def caches(ray_cluster, tiny_teacher, nusc_root, tmp_path_factory):
     out = {}
     # fg2 with 8-cell tiles (the foreground default on this 64x64 grid is 32): they show foreground storage's saving.
     for name, kw in (("dense1", {}), ("dense2", {"views": 2}),
-                     ("fg2", {"views": 2, "storage": "foreground", "tile": 8})):
+                     ("fg2", {"views": 2, "storage": "foreground", "tile": 8}),
+                     ("kp2", {"views": 2, "storage": "keypoints"})):
         out[name] = (root / name, build_cache(CacheRequest(str(tiny_teacher), str(nusc_root), "v1.0-mini", "mini_val",
                                               str(root / name), shard_samples=2, cpus_per_actor=0.5, **kw)))
     return out

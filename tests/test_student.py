@@ -84,7 +84,8 @@ def test_identity_warp_is_exact_and_view_policies_resolve():
 
 # --- cached against online -------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("name,policy", [("dense1", "canonical"), ("dense2", "replay")])
+@pytest.mark.parametrize("name,policy", [("dense1", "canonical"), ("dense2", "replay"), ("kp2", "replay"),
+                                         ("kp2", "canonical")])
 def test_cached_losses_equal_online_losses_on_identical_batches(caches, tiny_teacher, nusc_root, name, policy):
     cfg = load_config("tiny_lidar_to_camera")
     torch.manual_seed(0)
@@ -94,6 +95,8 @@ def test_cached_losses_equal_online_losses_on_identical_batches(caches, tiny_tea
     reader = CacheReader(str(caches[name][0]))
     base = DetectionDataset(nusc_root, VERSION, SPLIT, cfg, train=True, seed=3, with_images=True)
     cached = DistillDataset(base, reader, policy)
+    if policy == "canonical":
+        cfg["distill"]["view_policy"] = "canonical"
     loop, _ = plan_student(cfg, VERSION, SPLIT, split_tokens(nusc_root), cache=str(caches[name][0]))
     kd = torch.nn.ModuleDict({"distill": build_distill_loss(student.grid, loop["distill"])})
     views_seen = set()
@@ -187,11 +190,12 @@ def test_student_job_resumes_and_exports_the_student_alone(ray_cluster, caches, 
 
 @pytest.mark.slow
 def test_sweep_of_two_variants_over_one_cache(ray_cluster, caches, nusc_root, tmp_path):
+    """Two students trained by Ray from one keypoint cache (the resume test covers a dense one)."""
     grid = tmp_path / "grid.yaml"
     grid.write_text("variants:\n  - {name: all_losses}\n  - {name: no_relation, set: {distill.relation.enabled: false}}\n")
     out = tmp_path / "sweep"
     done = _submit(ray_cluster, ["stages/sweep_students.py", "--config", "tiny_lidar_to_camera", "--cache",
-                                 str(caches["dense2"][0]), "--grid", str(grid), "--dataroot", str(nusc_root),
+                                 str(caches["kp2"][0]), "--grid", str(grid), "--dataroot", str(nusc_root),
                                  "--split", SPLIT, "--eval-split", SPLIT, "--output", str(out),
                                  "--concurrent", "2", "--set", "train.epochs=1", "--set", "train.batch_size=2",
                                  "--set", "runtime.loader_workers=1"], timeout=900)

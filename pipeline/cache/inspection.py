@@ -1,5 +1,6 @@
 """Checking and looking at a cache: `verify` (every shard against its recorded checksums),
-`describe` (schema, fingerprint, sizes) and `render` (PNG of a sample's cached maps with its GT)."""
+`describe` (schema, fingerprint, sizes) and `render` (PNG of a sample's cached maps with its GT
+boxes and their 9 keypoints, for every storage mode)."""
 from __future__ import annotations
 
 import json
@@ -7,10 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from models.bev_grid import BEVGrid
+from models.classes import NUM_CLASSES
+from models.distill import box_keypoints
 from pipeline.cache import store
-from pipeline.cache.schema import MAP_NAMES, CacheLayout
+from pipeline.cache.schema import MAP_NAMES, CacheError, CacheLayout, storage_arrays
 
 
 def verify(uri: str) -> dict[str, Any]:
@@ -21,11 +25,12 @@ def verify(uri: str) -> dict[str, Any]:
     """
     group = store.open_cache_group(uri, mode="r")
     layout = CacheLayout.from_dict(group.attrs["layout"])
+    storage = dict(group.attrs.get("fingerprint", {})).get("storage", "dense")
     markers = store.read_markers(uri)
     ok, bad = [], {}
     for shard, rec in sorted(markers.items()):
-        now = store.shard_checksums(uri, shard)
-        differ = [name for name in store.ARRAY_NAMES if now.get(name) != rec["checksums"].get(name)]
+        now = store.shard_checksums(uri, shard, storage)
+        differ = [name for name in storage_arrays(storage) if now.get(name) != rec["checksums"].get(name)]
         if differ:
             bad[shard] = "checksum mismatch in " + ", ".join(
                 f"{name} ({'missing' if now.get(name) is None else 'altered'})" for name in differ)
@@ -51,7 +56,7 @@ def describe(uri: str) -> dict[str, Any]:
     layout = CacheLayout.from_dict(attrs["layout"])
     markers = store.read_markers(uri)
     arrays = {}
-    for name in (*MAP_NAMES, "bda"):
+    for name in storage_arrays(attrs["fingerprint"].get("storage", "dense")):
         a = group[name]
         shards = a.shards if a.shards is not None else a.chunks
         arrays[name] = {"shape": list(a.shape), "chunks": list(a.chunks), "shards": list(shards),
@@ -84,22 +89,77 @@ def format_describe(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def render(uri: str, token: str, view: int, out_path: str | Path, gt_boxes: np.ndarray | None = None) -> Path:
-    """PNG of one cached view: low and high feature magnitude, class-max heat map, with GT boxes."""
+def view_gt_boxes(reader: Any, token: str, view: int, dataroot: str | Path) -> np.ndarray:
+    """The GT boxes [M, 9] of a cached view, from the dataset: the sample's boxes through the teacher's
+    GT filter, moved by the view's stored BDA, those in the grid's range kept (as the teacher saw them)."""
+    from pipeline.data.augment import transform_boxes
+    from pipeline.data.dataset import boxes_in_range
+    from pipeline.data.index import load_index
+    from pipeline.data.loading import filter_gt
+
+    fp = reader.fingerprint
+    rows = [r for r in load_index(dataroot, fp["dataset"]["version"], fp["dataset"]["split"]) if r["token"] == token]
+    if not rows:
+        raise CacheError(f"sample {token} is not in {fp['dataset']['version']} {fp['dataset']['split']} of {dataroot}")
+    boxes, _ = filter_gt(rows[0], int(fp["inputs"]["min_points_in_box"]))
+    boxes = transform_boxes(boxes, reader.bda(token, view))
+    grid = BEVGrid.from_config(fp["grid"])
+    return boxes[boxes_in_range(boxes, grid.point_cloud_range)].astype(np.float32)
+
+
+def _at_cells(grid: BEVGrid, cells: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """A map [H, W] that holds `values` [N] at flat `cells` [N] and 0 elsewhere."""
+    out = np.zeros(grid.H * grid.W, dtype=np.float32)
+    out[cells] = values
+    return out.reshape(grid.H, grid.W)
+
+
+def _keypoint_panels(reader: Any, token: str, view: int, grid: BEVGrid) -> tuple[list, np.ndarray]:
+    """Panels of a keypoint cache (each keypoint's |mean| feature on its nearest cell; the heat map at
+    the stored response cells) and the stored boxes."""
+    row = reader.read_keypoints(token, view)
+    m, n = (int(v) for v in row["counts"])
+    boxes = row["boxes"][:m]
+    low = reader.layout.channels["low"]
+    feats = row["keypoint_features"][:m].float().numpy()  # [M, 9, C]
+    kp = box_keypoints(torch.as_tensor(boxes)[None])[0].numpy().reshape(-1, 2)  # [M * 9, 2]
+    uv = np.floor(grid.metric_to_cell(kp)).astype(int)
+    inside = (uv[:, 0] >= 0) & (uv[:, 0] < grid.W) & (uv[:, 1] >= 0) & (uv[:, 1] < grid.H)
+    cells = uv[inside, 1] * grid.W + uv[inside, 0]
+    panels = []
+    for name, part in (("low", feats[..., :low]), ("high", feats[..., low:])):
+        panels.append((f"{name} |mean| at keypoints", _at_cells(grid, cells, np.abs(part).mean(-1).reshape(-1)[inside])))
+    values = row["cell_values"][:n].float().numpy()
+    heat = 1.0 / (1.0 + np.exp(-values[:, :NUM_CLASSES].max(axis=1)))
+    panels.append(("heat map at stored cells", _at_cells(grid, row["cells"][:n], heat)))
+    return panels, boxes
+
+
+def render(uri: str, token: str, view: int, out_path: str | Path, dataroot: str | Path | None = None) -> Path:
+    """PNG of one cached view: low and high feature magnitude and the class-max heat map, with the
+    view's GT boxes and their 9 keypoints drawn over every panel (a keypoint cache stores its boxes;
+    a dense or foreground cache takes them from `dataroot`, without which none are drawn)."""
     from pipeline.cache.reader import CacheReader
     from pipeline.evaluation.visualize import render_bev_maps
 
     reader = CacheReader(uri)
-    maps = reader.read(token, view)
     grid = BEVGrid.from_config(reader.fingerprint["grid"])
-    heat = 1.0 / (1.0 + np.exp(-maps["heatmap"].max(axis=0)))
-    panels = [("low |mean|", np.abs(maps["low"]).mean(axis=0)), ("high |mean|", np.abs(maps["high"]).mean(axis=0)),
-              ("heat map (class max)", heat)]
-    return render_bev_maps(out_path, grid, panels, gt_boxes)
+    if reader.storage == "keypoints":
+        panels, boxes = _keypoint_panels(reader, token, view, grid)
+    else:
+        maps = reader.read(token, view)
+        heat = 1.0 / (1.0 + np.exp(-maps["heatmap"].max(axis=0)))
+        panels = [("low |mean|", np.abs(maps["low"]).mean(axis=0)), ("high |mean|", np.abs(maps["high"]).mean(axis=0)),
+                  ("heat map (class max)", heat)]
+        boxes = view_gt_boxes(reader, token, view, dataroot) if dataroot else None
+        if boxes is None:
+            print("[cache] --render: pass --dataroot to draw the sample's GT boxes and keypoints", flush=True)
+    keypoints = box_keypoints(torch.as_tensor(boxes)[None])[0].numpy() if boxes is not None else None
+    return render_bev_maps(out_path, grid, panels, boxes, keypoints)
 
 
 def run_check(uri: str, verify_cache: bool = False, describe_cache: bool = False, render_token: str | None = None,
-              view: int = 0, out_path: str | Path = "cache_render.png") -> int:
+              view: int = 0, out_path: str | Path = "cache_render.png", dataroot: str | Path | None = None) -> int:
     """`stages/cache_teacher.py --verify | --inspect | --render`: print the report; exit status 1
     when --verify finds a bad or missing shard, else 0."""
     if verify_cache:
@@ -109,5 +169,5 @@ def run_check(uri: str, verify_cache: bool = False, describe_cache: bool = False
     if describe_cache:
         print(format_describe(describe(uri)))
     if render_token:
-        print(f"wrote {render(uri, render_token, view, out_path)}")
+        print(f"wrote {render(uri, render_token, view, out_path, dataroot)}")
     return 0

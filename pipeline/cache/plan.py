@@ -10,6 +10,7 @@ from typing import Any, Mapping
 from models.bev_grid import BEVGrid
 from models.classes import CLASS_NAMES
 from pipeline.cache import store
+from pipeline.cache.keypoints import KEYPOINT_MIN_OVERLAP, keypoint_capacity
 from pipeline.cache.schema import (DTYPES, SCHEMA_VERSION, STORAGE_MODES, CacheError, CacheLayout,
                                    CacheMismatchError, channel_layout, map_channels)
 from pipeline.config import ConfigError, diff_keys
@@ -31,7 +32,7 @@ def default_tile(grid: BEVGrid, storage: str = "dense") -> int:
     tiles that touch a box are stored, so tiles must be small enough to leave some out (the paper's
     180x180 map gets 6 x 6 tiles of 19.2 m, 35 % of them kept); pass --tile to trade reads for bytes.
     """
-    if storage == "dense":
+    if storage != "foreground":  # dense; keypoint storage has no tiles (it records the map's size)
         return int(max(grid.H, grid.W))
     return int(min(32, max(8, min(grid.H, grid.W) // 2)))
 
@@ -132,6 +133,7 @@ def cache_fingerprint(teacher_path: str, teacher_cfg: Mapping[str, Any], low: in
         "storage": storage,
         "dtype": dtype,
         "layout": {"shard_samples": layout.shard_samples, "tile": layout.tile},
+        **({"keypoints": {"min_overlap": KEYPOINT_MIN_OVERLAP, "points_per_box": 9}} if storage == "keypoints" else {}),
     }
 
 
@@ -158,9 +160,11 @@ def plan_cache(teacher_path: str, dataroot: str, version: str, split: str, uri: 
     if not tokens:
         raise CacheError(f"split {split} of {dataroot} has no samples")
     grid = model.grid
+    max_boxes, max_cells = keypoint_capacity(index, grid, cfg["data"]["bda"]) if storage == "keypoints" else (0, 0)
     layout = CacheLayout(num_samples=len(tokens), views=views, shard_samples=shard_samples,
                          tile=default_tile(grid, storage) if tile is None else int(tile), height=grid.H, width=grid.W,
-                         channels=map_channels(channel_layout(model.low_channels, model.high_channels)))
+                         channels=map_channels(channel_layout(model.low_channels, model.high_channels)),
+                         max_boxes=max_boxes, max_cells=max_cells)
     fingerprint = cache_fingerprint(teacher_path, cfg, model.low_channels, model.high_channels, version, split,
                                     tokens, layout, storage, dtype, view_seed)
     try:

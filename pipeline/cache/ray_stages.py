@@ -21,6 +21,7 @@ import torch
 
 from models.bev_grid import BEVGrid
 from pipeline.cache import store
+from pipeline.cache.keypoints import encode_keypoint_rows
 from pipeline.cache.plan import CacheJob
 from pipeline.cache.schema import CacheError
 from pipeline.cache.views import foreground_tiles, tile_mask, view_matrices
@@ -63,8 +64,12 @@ class ShardLoader:
 
 def encode_shard_maps(outputs: list[dict[str, torch.Tensor]], boxes: list[np.ndarray], job: CacheJob,
                       grid: BEVGrid) -> dict[str, np.ndarray]:
-    """Teacher outputs of a shard's rows -> stored arrays (foreground tiles only when asked)."""
+    """Teacher outputs of a shard's rows -> stored arrays (foreground tiles only, or the keypoint
+    rows, when asked)."""
     layout = job.cache_layout
+    if job.storage == "keypoints":
+        maps = {name: torch.cat([o[name] for o in outputs]) for name in ("low", "high", "heatmap", "regression")}
+        return encode_keypoint_rows(maps, boxes, layout, grid, job.dtype)
     encoded = {}
     for name in ("low", "high", "heatmap", "regression"):
         maps = torch.cat([o[name] for o in outputs]).float()  # [R, C, H, W]
@@ -134,7 +139,8 @@ def write_one_shard(job: CacheJob, shard: int, maps: Mapping[str, np.ndarray], b
     for name, arr in (*maps.items(), ("bda", bda)):
         group[name][rows.start:rows.stop] = arr
     record = {"shard": shard, "samples": samples, "tokens": list(tokens), "rows": [rows.start, rows.stop],
-              "checksums": store.shard_checksums(job.uri, shard), "bytes": store.shard_bytes(job.uri, shard),
+              "checksums": store.shard_checksums(job.uri, shard, job.storage),
+              "bytes": store.shard_bytes(job.uri, shard, job.storage),
               "node": _node_id(), "host": socket.gethostname(), "pid": os.getpid(),
               "teacher_pid": (teacher or {}).get("pid"), "teacher_node": (teacher or {}).get("node"),
               "teacher_seconds": (teacher or {}).get("seconds"), "write_seconds": time.perf_counter() - t0,

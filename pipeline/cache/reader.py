@@ -3,7 +3,8 @@
 `CacheReader(uri)` opens a complete cache read-only, maps sample tokens to rows through the
 manifest, and returns a sample's stored maps for one view as float32 numpy arrays. Opening checks
 the cache is complete; `check_compatible` refuses a cache whose grid, class order or channel
-layout differ from the student's, naming the differing fields.
+layout differ from the student's, naming the differing fields. A keypoint cache (pipeline/cache/
+keypoints.py) has no maps to read: `read_keypoints` returns its row instead.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 from zarr.core.sync import sync as zarr_sync  # what zarr's own synchronous API runs coroutines with
 
 from pipeline.cache import store
-from pipeline.cache.schema import MAP_NAMES, CacheError, CacheLayout, CacheMismatchError
+from pipeline.cache.schema import MAP_NAMES, CacheError, CacheLayout, CacheMismatchError, storage_arrays
 from pipeline.config import diff_keys
 
 # Fingerprint fields a student's own model must agree with.
@@ -43,7 +44,8 @@ class CacheReader:
         self.fingerprint: dict[str, Any] = dict(attrs["fingerprint"])
         self.layout = CacheLayout.from_dict(attrs["layout"])
         self.dtype: str = attrs["dtype"]
-        self.arrays = {name: group[name] for name in (*MAP_NAMES, "bda")}
+        self.storage: str = self.fingerprint.get("storage", "dense")
+        self.arrays = {name: group[name] for name in storage_arrays(self.storage)}
         manifest = store.read_manifest(self.uri).to_pydict()
         self.row_of: dict[str, int] = dict(zip(manifest["token"], manifest["row"]))
         self.shard_of: dict[str, int] = dict(zip(manifest["token"], manifest["shard"]))
@@ -90,8 +92,14 @@ class CacheReader:
 
         return {n: np.asarray(a) for n, a in zip(names, zarr_sync(fetch()))}
 
+    def _check_dense(self) -> None:
+        if self.storage == "keypoints":
+            raise CacheError(f"cache {self.uri} stores the teacher at its GT keypoints and response cells only "
+                             f"(--storage keypoints), not whole maps: read it with read_keypoints")
+
     def read(self, token: str, view: int = 0, names: Sequence[str] = MAP_NAMES) -> dict[str, np.ndarray]:
         """The stored maps of one view as float32 numpy arrays ([C, H, W] each) plus its BDA [4, 4]."""
+        self._check_dense()
         raw = self._fetch(token, view, [*names, "bda"])
         out = {name: store.decode_maps(raw[name], self.dtype) for name in names}
         out["bda"] = raw["bda"].astype(np.float64)
@@ -105,8 +113,23 @@ class CacheReader:
         read itself (~3.5 ms for a tiny-preset sample), torch's on a whole batch next to the loss
         little, and half-precision batches are half the bytes to pass between processes.
         """
+        self._check_dense()
         raw = self._fetch(token, view, [*names, "bda"])
         out: dict[str, Any] = {name: store.stored_tensor(raw[name], self.dtype) for name in names}
+        out["bda"] = raw["bda"].astype(np.float64)
+        return out
+
+    def read_keypoints(self, token: str, view: int = 0) -> dict[str, Any]:
+        """One row of a keypoint cache, as stored: boxes [M_cap, 9] float32 and counts [2] (boxes,
+        cells) numpy arrays, keypoint_features [M_cap, 9, C_low + C_high] and cell_values
+        [N_cap, 76] torch tensors of the cache's precision, cells [N_cap] int32, bda [4, 4] float64.
+        Rows are padded: only the first counts[0] boxes and counts[1] cells are real."""
+        if self.storage != "keypoints":
+            raise CacheError(f"cache {self.uri} has {self.storage} storage, not keypoints: read it with read_tensors")
+        raw = self._fetch(token, view, list(self.arrays))
+        out: dict[str, Any] = {k: raw[k] for k in ("boxes", "counts", "cells")}
+        for k in ("keypoint_features", "cell_values"):
+            out[k] = store.stored_tensor(raw[k], self.dtype)
         out["bda"] = raw["bda"].astype(np.float64)
         return out
 

@@ -10,6 +10,16 @@ matrix:
     regression  [R, 66, H, W]      REGRESSION_CHANNELS per task, TASKS order
     bda         [R, 4, 4]          float32, LiDAR frame -> the view's augmented frame
 
+A `keypoints` cache stores instead only what the UniDistill losses read (issue 16), padded per row
+to capacities fixed when the cache is planned (M boxes, N cells; zeros past each row's counts):
+
+    boxes              [R, M, 9]              float32, the view's GT boxes the keypoints belong to
+    counts             [R, 2]                 int32, (boxes, cells) of the row
+    keypoint_features  [R, M, 9, C_low + C_high]  bilinear samples of low | high at the 9 keypoints
+    cells              [R, N]                 int32, flat cells (row * W + col) of the response mask
+    cell_values        [R, N, 10 + 66]        heatmap | regression at those cells
+    bda                [R, 4, 4]
+
 Maps are chunked in (1 row, all channels, tile x tile cells) and sharded in whole groups of
 `shard_samples` samples (all their views, the full map): a shard is the unit of writing, a
 chunk (one tile of one view) the unit of reading. All-zero chunks are never stored. Dense caches
@@ -34,7 +44,18 @@ from models.errors import UserError
 SCHEMA_VERSION = 1
 MAP_NAMES: tuple[str, ...] = ("low", "high", "heatmap", "regression")
 DTYPES = ("float16", "bfloat16", "float32")
-STORAGE_MODES = ("dense", "foreground")
+STORAGE_MODES = ("dense", "foreground", "keypoints")
+# Arrays of each storage mode with their number of dimensions (the shard object keys depend on it).
+DENSE_ARRAYS: dict[str, int] = {"low": 4, "high": 4, "heatmap": 4, "regression": 4, "bda": 3}
+KEYPOINT_ARRAYS: dict[str, int] = {"boxes": 3, "counts": 2, "keypoint_features": 4, "cells": 2, "cell_values": 3,
+                                   "bda": 3}
+
+
+def storage_arrays(storage: str) -> dict[str, int]:
+    """{array name: ndim} of a storage mode's cache."""
+    if storage not in STORAGE_MODES:
+        raise CacheError(f"storage {storage!r} is not one of {STORAGE_MODES}")
+    return dict(KEYPOINT_ARRAYS if storage == "keypoints" else DENSE_ARRAYS)
 MANIFEST_FILE = "manifest.parquet"
 MARKER_DIR = "shards"
 
@@ -70,7 +91,8 @@ def fingerprint_hash(fingerprint: Mapping[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class CacheLayout:
-    """Sizes of a cache's arrays: N samples x K views, shards of S samples, square tiles."""
+    """Sizes of a cache's arrays: N samples x K views, shards of S samples, square tiles; for
+    keypoint storage the per-row capacities of boxes and response-mask cells."""
 
     num_samples: int
     views: int
@@ -79,6 +101,8 @@ class CacheLayout:
     height: int
     width: int
     channels: Mapping[str, int]
+    max_boxes: int = 0
+    max_cells: int = 0
 
     @property
     def rows(self) -> int:
@@ -100,10 +124,14 @@ class CacheLayout:
         return range(samples.start * self.views, samples.stop * self.views)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"num_samples": self.num_samples, "views": self.views, "shard_samples": self.shard_samples,
-                "tile": self.tile, "height": self.height, "width": self.width, "channels": dict(self.channels)}
+        d = {"num_samples": self.num_samples, "views": self.views, "shard_samples": self.shard_samples,
+             "tile": self.tile, "height": self.height, "width": self.width, "channels": dict(self.channels)}
+        if self.max_boxes or self.max_cells:  # keypoint storage only: other layouts stay as they were
+            d.update(max_boxes=self.max_boxes, max_cells=self.max_cells)
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "CacheLayout":
         return cls(int(d["num_samples"]), int(d["views"]), int(d["shard_samples"]), int(d["tile"]),
-                   int(d["height"]), int(d["width"]), {k: int(v) for k, v in d["channels"].items()})
+                   int(d["height"]), int(d["width"]), {k: int(v) for k, v in d["channels"].items()},
+                   int(d.get("max_boxes", 0)), int(d.get("max_cells", 0)))

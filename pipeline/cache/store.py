@@ -21,9 +21,9 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from pipeline.cache.schema import (DTYPES, MANIFEST_FILE, MAP_NAMES, MARKER_DIR, SCHEMA_VERSION, CacheError, CacheLayout,
-                                   fingerprint_hash)
+                                   fingerprint_hash, storage_arrays)
 
-ARRAY_NAMES: tuple[str, ...] = (*MAP_NAMES, "bda")
+ARRAY_NAMES: tuple[str, ...] = (*MAP_NAMES, "bda")  # the arrays of dense and foreground caches
 COMPRESSORS = ("zstd", "blosc-zstd", "blosc-lz4", "none")
 # Measured (tests/bench/bench_cache.py): zstd level 3 compresses teacher maps as well as Blosc-zstd
 # with bit shuffle (7.3x vs 7.4x on float16) and writes them ~9x faster.
@@ -103,18 +103,36 @@ def create_cache_group(uri: str, layout: CacheLayout, fingerprint: Mapping[str, 
     group = zarr.open_group(str(uri), mode="w", zarr_format=3)
     codec = compressor(compressor_name)
     spk = layout.shard_samples * layout.views  # rows per shard
-    for name in MAP_NAMES:
-        c = layout.channels[name]
-        group.create_array(name, shape=(layout.rows, c, layout.height, layout.width),
-                           chunks=(1, c, min(layout.tile, layout.height), min(layout.tile, layout.width)),
-                           shards=(spk, c, layout.height, layout.width), dtype=storage_dtype(dtype), fill_value=0,
-                           compressors=codec, config={"write_empty_chunks": False})
+    if fingerprint.get("storage") == "keypoints":
+        _create_keypoint_arrays(group, layout, dtype, codec)
+    else:
+        for name in MAP_NAMES:
+            c = layout.channels[name]
+            group.create_array(name, shape=(layout.rows, c, layout.height, layout.width),
+                               chunks=(1, c, min(layout.tile, layout.height), min(layout.tile, layout.width)),
+                               shards=(spk, c, layout.height, layout.width), dtype=storage_dtype(dtype), fill_value=0,
+                               compressors=codec, config={"write_empty_chunks": False})
     group.create_array("bda", shape=(layout.rows, 4, 4), chunks=(spk, 4, 4), dtype="float32", fill_value=0,
                        compressors=None)
     group.attrs.update({"schema_version": SCHEMA_VERSION, "fingerprint": dict(fingerprint),
                         "fingerprint_hash": fingerprint_hash(fingerprint), "layout": layout.to_dict(),
                         "dtype": dtype, "compressor": compressor_name, "complete": False})
     return group
+
+
+def _create_keypoint_arrays(group: zarr.Group, layout: CacheLayout, dtype: str, codec: Any) -> None:
+    """The padded per-row arrays of a keypoint cache (schema.py): one chunk per row and array, so
+    that a student's read of a row is one small chunk per array; shards as for dense caches."""
+    spk = layout.shard_samples * layout.views
+    m, n = max(1, layout.max_boxes), max(1, layout.max_cells)
+    feat = layout.channels["low"] + layout.channels["high"]
+    resp = layout.channels["heatmap"] + layout.channels["regression"]
+    specs = {"boxes": ((m, 9), "float32"), "counts": ((2,), "int32"), "keypoint_features": ((m, 9, feat), None),
+             "cells": ((n,), "int32"), "cell_values": ((n, resp), None)}
+    for name, (shape, kind) in specs.items():
+        group.create_array(name, shape=(layout.rows, *shape), chunks=(1, *shape), shards=(spk, *shape),
+                           dtype=kind or storage_dtype(dtype), fill_value=0, compressors=codec,
+                           config={"write_empty_chunks": False})
 
 
 def delete_cache(uri: str) -> None:
@@ -125,18 +143,18 @@ def delete_cache(uri: str) -> None:
 
 
 # --- shard objects and checksums -----------------------------------------------------------------
-def shard_object_key(name: str, shard: int) -> str:
+def shard_object_key(name: str, shard: int, storage: str = "dense") -> str:
     """Store key of one array's shard object (default chunk-key encoding, shards along rows only)."""
-    ndim = 3 if name == "bda" else 4
+    ndim = storage_arrays(storage)[name]
     return f"{name}/c/{shard}" + "/0" * (ndim - 1)
 
 
-def shard_checksums(uri: str, shard: int) -> dict[str, str | None]:
+def shard_checksums(uri: str, shard: int, storage: str = "dense") -> dict[str, str | None]:
     """SHA-256 of each array's stored shard object (None when the object is absent)."""
     fs, root = filesystem(uri)
     out: dict[str, str | None] = {}
-    for name in ARRAY_NAMES:
-        path = f"{root}/{shard_object_key(name, shard)}"
+    for name in storage_arrays(storage):
+        path = f"{root}/{shard_object_key(name, shard, storage)}"
         try:
             out[name] = hashlib.sha256(fs.cat_file(path)).hexdigest()
         except FileNotFoundError:
@@ -144,12 +162,12 @@ def shard_checksums(uri: str, shard: int) -> dict[str, str | None]:
     return out
 
 
-def shard_bytes(uri: str, shard: int) -> int:
+def shard_bytes(uri: str, shard: int, storage: str = "dense") -> int:
     """Bytes stored for one shard over all arrays."""
     fs, root = filesystem(uri)
     total = 0
-    for name in ARRAY_NAMES:
-        path = f"{root}/{shard_object_key(name, shard)}"
+    for name in storage_arrays(storage):
+        path = f"{root}/{shard_object_key(name, shard, storage)}"
         if fs.exists(path):
             total += int(fs.size(path))
     return total

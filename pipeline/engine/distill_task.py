@@ -4,7 +4,10 @@ loss plus the UniDistill losses against a teacher's maps (spec §2, DESIGN §3.4
 Teacher maps come from one of two sources:
 - cached: read per sample from a teacher-target cache in the DataLoader workers; the student's BEV
   augmentation follows the cache's view policy (replay a stored view, canonical view only, or a
-  fresh augmentation with the cached maps warped to it);
+  fresh augmentation with the cached maps warped to it). Replay walks each sample's K views in
+  turn from a seeded start, so a view never repeats within K epochs (K = epochs: a fresh exact
+  view every epoch). A keypoint cache gives the teacher at the GT keypoints and response cells only
+  (pipeline/cache/keypoints.py), aligned here with the sample's own boxes;
 - online: the frozen teacher (eval mode, no gradients) runs on the same batch, as the original did.
 
 The adaptation layers live in the task's `extra` modules: trained, checkpointed, never exported.
@@ -21,12 +24,13 @@ from torch.utils.data import Dataset, default_collate
 from models.bev_grid import BEVGrid
 from models.classes import CLASS_NAMES
 from models.detector import BEVDetector, build_detector
+from pipeline.cache.keypoints import teacher_at_boxes
 from pipeline.cache.reader import CacheReader, loader_worker_init
 from pipeline.cache.schema import CacheError, CacheMismatchError, channel_layout
 from pipeline.cache.warp import warp_teacher_maps
 from pipeline.config import ConfigError, diff_keys
 from pipeline.data.collate import collate
-from pipeline.data.dataset import DetectionDataset, view_rng
+from pipeline.data.dataset import DetectionDataset
 from pipeline.data.loading import sweep_padding
 from pipeline.data.sample import Sample
 from pipeline.engine.comm import mean_over_workers
@@ -52,6 +56,33 @@ def resolve_view_policy(policy: str, views: int, student_augments: bool) -> str:
         raise ConfigError("distill.view_policy replay needs a cache with --views > 1 (this cache has 1 view); "
                           "use warp or canonical")
     return policy
+
+
+def replay_view(seed: int, epoch: int, item: int, views: int) -> int:
+    """The stored view item `item` replays in `epoch`: a seeded start per item, then the next view
+    each epoch, so that any K consecutive epochs see all K views once."""
+    start = int(np.random.default_rng([int(seed), int(item), 2]).integers(0, views))
+    return (start + int(epoch)) % views
+
+
+def check_keypoint_cache(reader: CacheReader, cfg: Mapping[str, Any], policy: str, settings: Mapping[str, Any]) -> None:
+    """Refuse a student configuration that would read the teacher outside a keypoint cache's support."""
+    why = None
+    if policy == "warp":
+        why = ("a fresh BEV augmentation (view_policy warp) needs the teacher's whole maps to warp, and a keypoint "
+               "cache holds them only at the stored views' boxes: build it with --views K (the student replays "
+               "them; K up to the epochs gives a fresh view every epoch), or set distill.view_policy canonical "
+               "(no augmentation)")
+    elif settings.get("keypoint_transpose"):
+        why = "distill.keypoint_transpose samples mirrored keypoints, which the cache did not store"
+    elif float(settings["response"]["min_overlap"]) < float(reader.fingerprint["keypoints"]["min_overlap"]):
+        why = (f"distill.response.min_overlap {settings['response']['min_overlap']} draws a wider response mask than "
+               f"the cache stored cells for ({reader.fingerprint['keypoints']['min_overlap']})")
+    elif int(cfg["data"]["min_points_in_box"]) < int(reader.fingerprint["inputs"]["min_points_in_box"]):
+        why = (f"data.min_points_in_box {cfg['data']['min_points_in_box']} keeps GT boxes the teacher's filter "
+               f"({reader.fingerprint['inputs']['min_points_in_box']}) dropped, so the cache has no keypoints for them")
+    if why:
+        raise ConfigError(f"cache {reader.uri} has keypoint storage: {why}; or use a dense cache")
 
 
 def student_expectation(student: BEVDetector) -> dict[str, Any]:
@@ -123,7 +154,13 @@ class DistillDataset(Dataset):
             return self.base.get(item)
         token = self.base.row(item)["token"]
         replay = self.policy == "replay"
-        view = int(view_rng(self.base.seed, self.epoch, item, 2).integers(0, self.reader.views)) if replay else 0
+        view = replay_view(self.base.seed, self.epoch, item, self.reader.views) if replay else 0
+        if self.reader.storage == "keypoints":
+            row = self.reader.read_keypoints(token, view)
+            sample = self.base.get(item, bda=row["bda"] if replay else np.eye(4))
+            sample["teacher"] = teacher_at_boxes(row, sample["gt_boxes"], self.reader.layout.channels["low"],
+                                                 f"cache {self.reader.uri}, sample {token}, view {view}")
+            return sample
         maps = self.reader.read_tensors(token, view, MAPS)  # stored precision, with the view's stored BDA
         # replay: the stored view's BDA; canonical: none; warp (None): the student's own fresh
         # augmentation, the maps follow in the loss
@@ -142,9 +179,30 @@ def collate_with_teacher(samples: list[Sample]) -> dict[str, Any]:
     """
     teachers = [s.pop("teacher", None) for s in samples]
     batch = collate(samples)
-    if teachers[0] is not None:
+    if teachers[0] is not None and "response_cells" in teachers[0]:
+        batch["teacher"] = collate_keypoint_teachers(teachers, batch["gt_boxes"].shape[1])
+    elif teachers[0] is not None:
         batch["teacher"] = {k: default_collate([t[k] for t in teachers]) for k in MAPS}
     return batch
+
+
+def _pad_stack(tensors: list[torch.Tensor], length: int, fill: float) -> torch.Tensor:
+    """Stack [L_i, ...] tensors into [B, length, ...], padding the first dimension with `fill`."""
+    out = tensors[0].new_full((len(tensors), length, *tensors[0].shape[1:]), fill)
+    for i, t in enumerate(tensors):
+        out[i, :len(t)] = t
+    return out
+
+
+def collate_keypoint_teachers(teachers: list[dict[str, torch.Tensor]], boxes: int) -> dict[str, torch.Tensor]:
+    """Keypoint-cache targets of a batch: keypoint samples padded like gt_boxes ([B, M_max, 9, C]),
+    response cells padded to the batch's most cells ([B, N_max], -1) with their values ([B, N_max, C])."""
+    cells = max(len(t["response_cells"]) for t in teachers)
+    out = {k: _pad_stack([t[k] for t in teachers], boxes, 0) for k in ("low_keypoints", "high_keypoints")}
+    out["response_cells"] = _pad_stack([t["response_cells"] for t in teachers], cells, -1)
+    for k in ("heatmap_cells", "regression_cells"):
+        out[k] = _pad_stack([t[k] for t in teachers], cells, 0)
+    return out
 
 
 class DistillLosses:
@@ -162,7 +220,7 @@ class DistillLosses:
             with torch.no_grad():
                 teacher = self.teacher(batch)
         else:
-            teacher = batch["teacher"]
+            teacher = batch["teacher"]  # maps, or a keypoint cache's samples (never warped: refused in planning)
             if self.warp:
                 teacher = warp_teacher_maps(teacher, batch["bda"], self.grid)
         kd = extra["distill"](out, teacher, batch["gt_boxes"], batch["gt_mask"], reduce_count=mean_over_workers)
@@ -236,5 +294,7 @@ def plan_student(cfg: Mapping[str, Any], version: str, split: str, tokens: Seque
                           f"{'cache' if cache else 'teacher'} holds a {modality} teacher; use the "
                           f"{modality}_to_{student.modality} config")
     settings = distill_settings(cfg, modality, student, widths)
+    if cache and reader.storage == "keypoints":
+        check_keypoint_cache(reader, cfg, policy, settings)
     loop = {"cache": cache, "teacher": teacher, "view_policy": policy, "distill": settings}
     return loop, {"stage": "train_student", "teacher_modality": modality, "view_policy": policy, **identity}

@@ -63,14 +63,20 @@ def _save(fig: Any, path: str | Path) -> Path:
 
 
 def render_bev_maps(path: str | Path, grid: BEVGrid, maps: Sequence[tuple[str, np.ndarray]],
-                    gt_boxes: np.ndarray | None = None) -> Path:
-    """PNG with one panel per (title, map [H, W]) in the BEV frame (rows = y, up), GT boxes overlaid."""
+                    gt_boxes: np.ndarray | None = None, keypoints: np.ndarray | None = None) -> Path:
+    """PNG with one panel per (title, map [H, W]) in the BEV frame (rows = y, up), GT boxes and
+    their keypoints (metric [M, P, 2], red dots) overlaid."""
     r = grid.point_cloud_range
     fig, axes = plt.subplots(1, len(maps), figsize=(3.2 * len(maps), 3.2), dpi=150, squeeze=False)
     for ax, (name, m) in zip(axes[0], maps):
         ax.imshow(np.asarray(m, dtype=np.float32), origin="lower", extent=(r[0], r[3], r[1], r[4]), cmap="viridis")
         if gt_boxes is not None:
             _draw_boxes(ax, gt_boxes, "white")
+        if keypoints is not None and len(keypoints):
+            kp = np.asarray(keypoints).reshape(-1, 2)
+            ax.scatter(kp[:, 0], kp[:, 1], s=1.5, c="red", linewidths=0)
+        ax.set_xlim(r[0], r[3])
+        ax.set_ylim(r[1], r[4])
         ax.set_title(name, fontsize=7)
         ax.tick_params(labelsize=5)
     return _save(fig, path)

@@ -1,0 +1,130 @@
+"""Keypoint storage (issue 16): a cache of exactly what the UniDistill losses read.
+
+Per (sample, view) the writer keeps the teacher's low and high maps bilinearly sampled at the 9
+keypoints of every GT box of the view (what L_Fea and L_Rel read), and the heat map and regression
+at the cells where the boxes' Gaussian response mask is non-zero (what L_Resp reads), with the
+boxes themselves so that a student can tell which stored box is which of its own. On nuScenes'
+paper grid that is ~1 % of the dense maps' bytes, small enough to store a fresh augmented view for
+every epoch.
+
+The student's loss then sees the values a dense cache would give it (to float16 rounding): the same
+bilinear samples, taken from float32 maps instead of float16 ones, and the same cells. What it
+cannot see is anything else: a fresh augmentation (warp), mirrored keypoints (keypoint_transpose),
+a wider response mask (lower min_overlap) or boxes the teacher's GT filter dropped are refused
+(pipeline.engine.distill_task), and at run time a box or mask cell outside the stored support
+raises a CacheError naming the sample.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from models.bev_grid import BEVGrid
+from models.classes import NUM_CLASSES
+from models.distill import box_keypoints, sample_at_keypoints
+from models.gaussian_mask import box_gaussian_mask, gaussian_radius
+from pipeline.cache import store
+from pipeline.cache.schema import CacheError, CacheLayout
+from pipeline.data.sample import BOX_DIM
+
+# The response mask's CenterNet overlap the stored cells are drawn with: the paper's value and the
+# `distill.response.min_overlap` default. A student may ask for a larger overlap (a smaller mask).
+KEYPOINT_MIN_OVERLAP = 0.7
+# A student's box is the stored one when their 9 keypoints agree to this many metres.
+BOX_MATCH_TOL_M = 1e-3
+
+
+def keypoint_capacity(index: Any, grid: BEVGrid, bda_cfg: Mapping[str, Any],
+                      min_overlap: float = KEYPOINT_MIN_OVERLAP) -> tuple[int, int]:
+    """Per-row capacities (boxes, response cells) of a split: bounds that hold for every view.
+
+    Boxes: the most annotations of any sample (views only drop boxes). Cells: the most summed
+    (2r + 1)^2 Gaussian squares of any sample, with each box's size grown by the largest BEV scale a
+    view may draw (the radius grows with the size); at most the map's cell count.
+    """
+    table = index if hasattr(index, "column") else None
+    rows = table.column("gt_boxes").to_pylist() if table is not None else [r["gt_boxes"] for r in index]
+    scale = max(float(s) for s in bda_cfg.get("scale_lim", [1.0, 1.0]))
+    max_boxes, max_cells = 0, 0
+    for flat in rows:
+        boxes = np.asarray(flat, dtype=np.float64).reshape(-1, BOX_DIM)
+        max_boxes = max(max_boxes, len(boxes))
+        if len(boxes):
+            sizes = torch.as_tensor(np.abs(boxes[:, 3:5]) * scale / grid.cell)
+            r = gaussian_radius(sizes, min_overlap).clamp(min=0).floor().numpy()
+            max_cells = max(max_cells, int(((2 * r + 1) ** 2).sum()))
+    return max(1, max_boxes), max(1, min(max_cells, grid.H * grid.W))
+
+
+@torch.no_grad()
+def encode_keypoint_rows(outputs: Mapping[str, torch.Tensor], boxes: list[np.ndarray], layout: CacheLayout,
+                         grid: BEVGrid, dtype: str, min_overlap: float = KEYPOINT_MIN_OVERLAP) -> dict[str, np.ndarray]:
+    """Teacher maps of R rows ({low, high, heatmap, regression} [R, C, H, W]) and each row's GT boxes
+    [M_r, 9] -> the padded arrays of a keypoint cache (schema.py), in the cache's precision."""
+    r_count = len(boxes)
+    m_cap, n_cap = max(1, layout.max_boxes), max(1, layout.max_cells)
+    features = torch.cat([outputs["low"], outputs["high"]], dim=1).float()  # [R, C_f, H, W]
+    response = torch.cat([outputs["heatmap"], outputs["regression"]], dim=1).float().flatten(2)  # [R, C_r, H*W]
+    out = {"boxes": np.zeros((r_count, m_cap, BOX_DIM), np.float32), "counts": np.zeros((r_count, 2), np.int32),
+           "keypoint_features": torch.zeros(r_count, m_cap, 9, features.shape[1]),
+           "cells": np.zeros((r_count, n_cap), np.int32), "cell_values": torch.zeros(r_count, n_cap, response.shape[1])}
+    for r, row_boxes in enumerate(boxes):
+        b = torch.as_tensor(np.asarray(row_boxes, dtype=np.float32).reshape(-1, BOX_DIM))[None]  # [1, M, 9]
+        m = b.shape[1]
+        if m > m_cap:
+            raise CacheError(f"keypoint cache: a row has {m} GT boxes, more than the {m_cap} planned from the index")
+        cells = torch.nonzero(box_gaussian_mask(b, torch.ones(1, m, dtype=torch.bool), grid, min_overlap)
+                              .flatten()).flatten()  # [N] flat cell indices, ascending
+        if len(cells) > n_cap:
+            raise CacheError(f"keypoint cache: a row's response mask has {len(cells)} cells, more than the "
+                             f"{n_cap} planned from the index")
+        out["boxes"][r, :m] = b[0].numpy()
+        out["counts"][r] = (m, len(cells))
+        if m:
+            out["keypoint_features"][r, :m] = sample_at_keypoints(features[r:r + 1], box_keypoints(b), grid)[0]
+        out["cells"][r, :len(cells)] = cells.numpy()
+        out["cell_values"][r, :len(cells)] = response[r, :, cells].T
+    for name in ("keypoint_features", "cell_values"):
+        out[name] = store.encode_maps(out[name], dtype)
+    return out
+
+
+def match_boxes(student_boxes: np.ndarray, stored_boxes: np.ndarray) -> np.ndarray:
+    """For each student GT box [M_s, 9], the index of the stored box [M_t, 9] with the same 9
+    keypoints; -1 where none has."""
+    s = box_keypoints(torch.as_tensor(np.asarray(student_boxes, np.float32).reshape(1, -1, BOX_DIM)))[0]  # [M_s, 9, 2]
+    t = box_keypoints(torch.as_tensor(np.asarray(stored_boxes, np.float32).reshape(1, -1, BOX_DIM)))[0]  # [M_t, 9, 2]
+    if len(s) == 0:
+        return np.zeros(0, dtype=np.int64)
+    if len(t) == 0:
+        return np.full(len(s), -1, dtype=np.int64)
+    dist = (s[:, None] - t[None]).abs().flatten(2).amax(dim=2)  # [M_s, M_t] metres
+    best = dist.argmin(dim=1)
+    ok = dist.gather(1, best[:, None])[:, 0] <= BOX_MATCH_TOL_M
+    return torch.where(ok, best, torch.full_like(best, -1)).numpy()
+
+
+def teacher_at_boxes(row: Mapping[str, Any], student_boxes: np.ndarray, low_channels: int, where: str) -> dict:
+    """A stored keypoint row -> the teacher targets of a student sample, aligned with its GT boxes:
+
+        low_keypoints [M, 9, C_low], high_keypoints [M, 9, C_high] (stored precision),
+        response_cells [N] int64, heatmap_cells [N, 10], regression_cells [N, 66].
+
+    Raises CacheError (naming `where`) for a student box the cache did not store.
+    """
+    m, n = (int(v) for v in row["counts"])
+    perm = match_boxes(student_boxes, row["boxes"][:m])
+    if (perm < 0).any():
+        j = int(np.flatnonzero(perm < 0)[0])
+        x, y = (float(v) for v in np.asarray(student_boxes)[j, :2])
+        raise CacheError(f"{where}: the student's GT box {j} at (x {x:.2f}, y {y:.2f}) m is not among the {m} boxes the "
+                         f"keypoint cache stored for this view; the student's GT (data.min_points_in_box, the "
+                         f"grid's range) must be the teacher's, or use a dense cache")
+    feats = row["keypoint_features"][torch.as_tensor(perm)]  # [M, 9, C_low + C_high]
+    values = row["cell_values"][:n]
+    return {"low_keypoints": feats[..., :low_channels], "high_keypoints": feats[..., low_channels:],
+            "response_cells": torch.as_tensor(row["cells"][:n], dtype=torch.int64),
+            "heatmap_cells": values[:, :NUM_CLASSES], "regression_cells": values[:, NUM_CLASSES:]}
+
