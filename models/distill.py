@@ -13,9 +13,10 @@ response mask, spec §2.5).
 
 Teacher maps may come from a float16 cache: they are cast to float32 and detached here, so
 nothing flows back into a teacher. A keypoint cache gives, instead of maps, the teacher's
-keypoint samples (`low_keypoints`, `high_keypoints` [B, M, 9, C], aligned with gt_boxes) and its
-heat map and regression at the response mask's cells (`response_cells` [B, N], `heatmap_cells`,
-`regression_cells` [B, N, C]); the losses are then the same sums over the same values. The adaptation layers live in `UniDistillLoss`, not in the
+low keypoint samples (`low_keypoints` [B, M, 9, C]) and high keypoint relations (`high_relations`
+[B, M, 9, 9]), aligned with gt_boxes, and its class-max heat-map logit and regression at the
+response mask's cells (`response_cells` [B, N], `heatmap_max_cells` [B, N, 1], `regression_cells`
+[B, N, 66]); the losses are then the same sums over the same values. The adaptation layers live in `UniDistillLoss`, not in the
 student, so an exported student is the plain detector.
 """
 from __future__ import annotations
@@ -113,7 +114,14 @@ def relation_distill_loss(student: Tensor, teacher: Tensor, valid: Tensor,
 
     student: [B, M, 9, C_s], teacher: [B, M, 9, C_t] (widths may differ: only relations are compared).
     """
-    per_box = (relation_matrix(student) - relation_matrix(teacher)).abs().mean(dim=(2, 3))  # [B, M]
+    return relation_distill_loss_to(student, relation_matrix(teacher), valid, reduce_count)
+
+
+def relation_distill_loss_to(student: Tensor, teacher_relations: Tensor, valid: Tensor,
+                             reduce_count: ReduceCount | None = None) -> Tensor:
+    """L_Rel against the teacher's relation matrices [B, M, 9, 9] (what a keypoint cache stores);
+    student: keypoint features [B, M, 9, C_s]."""
+    per_box = (relation_matrix(student) - teacher_relations.detach().float()).abs().mean(dim=(2, 3))  # [B, M]
     return _box_mean(per_box, valid.bool(), reduce_count)
 
 
@@ -158,8 +166,9 @@ def response_distill_loss_at_cells(student_heatmap: Tensor, student_regression: 
     response_distill_loss on maps that hold the teacher's values at those cells, provided the mask
     is zero everywhere else (checked: a mask reaching an unstored cell raises UserError).
 
-    student maps [B, 10 | 66, H, W]; teacher_heatmap [B, N, 10], teacher_regression [B, N, 66] at
-    flat cells [B, N] (row * W + col; -1 = padding); mask [B, H, W].
+    student maps [B, 10 | 66, H, W]; teacher_heatmap [B, N, 10] logits, or [B, N, 1] their class
+    max (the loss reads only the class max of a monotone function of them); teacher_regression
+    [B, N, 66]; at flat cells [B, N] (row * W + col; -1 = padding); mask [B, H, W].
     """
     valid = cells >= 0  # [B, N]
     idx = cells.clamp(min=0)
@@ -288,25 +297,29 @@ class UniDistillLoss(nn.Module):
         transpose = self.keypoint_transpose
         keypoints = box_keypoints(gt_boxes.float()) if self.weights["feature"] or self.weights["relation"] else None
 
-        for name, level, loss_fn in (("feature", "low", feature_distill_loss),
-                                     ("relation", "high", relation_distill_loss)):
+        for name, level in (("feature", "low"), ("relation", "high")):
             if not self.weights[name]:
                 continue
             s = self._map(student_out, level, "student", gt_boxes.shape[0]).float()  # [B, C_s, H, W]
-            t_kp = self._teacher_keypoints(teacher_out, level, gt_boxes.shape[:2])  # [B, M, 9, C_t] from a keypoint cache
-            t = t_kp if t_kp is not None else self._map(teacher_out, level, "teacher", gt_boxes.shape[0]).detach().float()
             adapter = getattr(self.adaptation, level) if self.adaptation is not None else None
             if adapter is not None:
                 s = adapter(s)
+            # from a keypoint cache: low samples [B, M, 9, C_t] or high relations [B, M, 9, 9]; else None
+            stored = self._teacher_stored(teacher_out, name, gt_boxes.shape[:2])
+            t = self._map(teacher_out, level, "teacher", gt_boxes.shape[0]).detach().float() if stored is None else None
             # Relations are 9 x 9 whatever the width, so only feature KD (or an adapter) needs equal widths.
-            t_width = t.shape[-1] if t_kp is not None else t.shape[1]
+            t_width = t.shape[1] if t is not None else stored.shape[-1] if name == "feature" else s.shape[1]
             if s.shape[1] != t_width and (name == "feature" or adapter is not None):
                 raise ValueError(self._width_error(name, level, s.shape[1], t_width, adapter is not None))
             s_kp = sample_at_keypoints(s, keypoints, self.grid, transpose)  # [B, M, 9, C]
-            if t_kp is None:
+            if stored is None:
                 with torch.no_grad():
                     t_kp = sample_at_keypoints(t, keypoints, self.grid, transpose)
-            losses[name] = self.weights[name] * loss_fn(s_kp, t_kp, valid, reduce_count)
+                    stored = t_kp if name == "feature" else relation_matrix(t_kp)
+            if name == "feature":
+                losses[name] = self.weights[name] * feature_distill_loss(s_kp, stored, valid, reduce_count)
+            else:
+                losses[name] = self.weights[name] * relation_distill_loss_to(s_kp, stored, valid, reduce_count)
 
         if self.weights["response"]:
             b = gt_boxes.shape[0]
@@ -319,8 +332,8 @@ class UniDistillLoss(nn.Module):
             kw = {"temperature": self.temperature, "teacher_eps": self.teacher_eps, "reduce_count": reduce_count}
             if cells is not None:
                 cls, reg = response_distill_loss_at_cells(maps["student_heatmap"], maps["student_regression"],
-                                                          teacher_out["heatmap_cells"], teacher_out["regression_cells"],
-                                                          cells, mask, **kw)
+                                                          teacher_out["heatmap_max_cells"],
+                                                          teacher_out["regression_cells"], cells, mask, **kw)
             else:
                 cls, reg = response_distill_loss(maps["student_heatmap"], maps["student_regression"],
                                                  maps["teacher_heatmap"], maps["teacher_regression"], mask, **kw)
@@ -330,18 +343,20 @@ class UniDistillLoss(nn.Module):
         losses["distill"] = losses["feature"] + losses["relation"] + losses["response_cls"] + losses["response_reg"]
         return losses
 
-    def _teacher_keypoints(self, teacher_out: Mapping[str, Tensor], level: str, bm: tuple[int, int]) -> Tensor | None:
-        """teacher_out[f"{level}_keypoints"] [B, M, 9, C] as float32 (a keypoint cache's samples, aligned
-        with gt_boxes), or None when the teacher gives maps. Mirrored keypoints were not stored."""
-        t = teacher_out.get(f"{level}_keypoints")
+    def _teacher_stored(self, teacher_out: Mapping[str, Tensor], name: str, bm: tuple[int, int]) -> Tensor | None:
+        """What a keypoint cache gives for a loss, as float32 aligned with gt_boxes: `low_keypoints`
+        [B, M, 9, C] for L_Fea, `high_relations` [B, M, 9, 9] for L_Rel; None when the teacher gives maps.
+        Mirrored keypoints were not stored."""
+        key = "low_keypoints" if name == "feature" else "high_relations"
+        t = teacher_out.get(key)
         if t is None:
             return None
         if self.keypoint_transpose:
             raise UserError("UniDistillLoss: keypoint_transpose samples mirrored keypoints, which a keypoint cache "
                              "did not store; use a dense cache for that comparison")
-        if t.dim() != 4 or tuple(t.shape[:3]) != (*bm, 9):
-            raise ValueError(f"UniDistillLoss: teacher {level}_keypoints must be [{bm[0]}, {bm[1]}, 9, C] "
-                             f"(aligned with gt_boxes), got {tuple(t.shape)}")
+        if t.dim() != 4 or tuple(t.shape[:3]) != (*bm, 9) or (name == "relation" and t.shape[3] != 9):
+            raise ValueError(f"UniDistillLoss: teacher {key} must be [{bm[0]}, {bm[1]}, 9, "
+                             f"{'C' if name == 'feature' else 9}] (aligned with gt_boxes), got {tuple(t.shape)}")
         return t.detach().float()
 
     def _map(self, out: Mapping[str, Tensor], key: str, who: str, batch: int, channels: int | None = None) -> Tensor:

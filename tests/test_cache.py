@@ -322,7 +322,7 @@ def _keypoint_batch(reader: CacheReader, token: str, view: int, sample: dict) ->
     from pipeline.engine.distill_task import collate_keypoint_teachers
 
     row = reader.read_keypoints(token, view)
-    teacher = teacher_at_boxes(row, sample["gt_boxes"], reader.layout.channels["low"], f"{token} view {view}")
+    teacher = teacher_at_boxes(row, sample["gt_boxes"], f"{token} view {view}")
     return collate_keypoint_teachers([teacher], len(sample["gt_boxes"]))
 
 
@@ -396,7 +396,7 @@ def test_keypoint_cache_refuses_what_it_cannot_teach(caches, tiny_teacher, nusc_
     moved = row["boxes"][:m].copy()
     moved[0, 0] += 0.5
     with pytest.raises(CacheError, match=r"GT box 0 .* not among"):
-        teacher_at_boxes(row, moved, reader.layout.channels["low"], token)
+        teacher_at_boxes(row, moved, token)
     _, cfg = load_detector(tiny_teacher)
     grid = BEVGrid.from_config(cfg["grid"])
     teacher = _keypoint_batch(reader, token, 0, {"gt_boxes": row["boxes"][:m]})
@@ -440,8 +440,8 @@ def test_render_draws_the_boxes_the_teacher_saw_for_every_storage(caches, nusc_r
 def test_keypoint_cache_verify_finds_a_corrupt_shard(caches, tmp_path):
     uri = copy_of(caches, "kp2", tmp_path)
     assert not inspection.verify(str(uri))["bad"]
-    obj = uri / store.shard_object_key("keypoint_features", 1, "keypoints")
+    obj = uri / store.shard_object_key("keypoint_low", 1, "keypoints")
     data = bytearray(obj.read_bytes())
     data[len(data) // 2] ^= 0xFF
     obj.write_bytes(bytes(data))
-    assert "keypoint_features" in inspection.verify(str(uri))["bad"][1]
+    assert "keypoint_low" in inspection.verify(str(uri))["bad"][1]

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 from models.bev_grid import BEVGrid
-from models.classes import NUM_CLASSES
 from models.distill import box_keypoints
 from pipeline.cache import store
 from pipeline.cache.schema import MAP_NAMES, CacheError, CacheLayout, storage_arrays
@@ -115,22 +114,19 @@ def _at_cells(grid: BEVGrid, cells: np.ndarray, values: np.ndarray) -> np.ndarra
 
 
 def _keypoint_panels(reader: Any, token: str, view: int, grid: BEVGrid) -> tuple[list, np.ndarray]:
-    """Panels of a keypoint cache (each keypoint's |mean| feature on its nearest cell; the heat map at
-    the stored response cells) and the stored boxes."""
+    """Panels of a keypoint cache (each keypoint's |mean| low feature on its nearest cell; the class-max
+    heat map at the stored response cells) and the stored boxes."""
     row = reader.read_keypoints(token, view)
     m, n = (int(v) for v in row["counts"])
     boxes = row["boxes"][:m]
-    low = reader.layout.channels["low"]
-    feats = row["keypoint_features"][:m].float().numpy()  # [M, 9, C]
+    feats = row["keypoint_low"][:m].float().numpy()  # [M, 9, C]
     kp = box_keypoints(torch.as_tensor(boxes)[None])[0].numpy().reshape(-1, 2)  # [M * 9, 2]
     uv = np.floor(grid.metric_to_cell(kp)).astype(int)
     inside = (uv[:, 0] >= 0) & (uv[:, 0] < grid.W) & (uv[:, 1] >= 0) & (uv[:, 1] < grid.H)
     cells = uv[inside, 1] * grid.W + uv[inside, 0]
-    panels = []
-    for name, part in (("low", feats[..., :low]), ("high", feats[..., low:])):
-        panels.append((f"{name} |mean| at keypoints", _at_cells(grid, cells, np.abs(part).mean(-1).reshape(-1)[inside])))
-    values = row["cell_values"][:n].float().numpy()
-    heat = 1.0 / (1.0 + np.exp(-values[:, :NUM_CLASSES].max(axis=1)))
+    panels = [("low |mean| at keypoints", _at_cells(grid, cells, np.abs(feats).mean(-1).reshape(-1)[inside]))]
+    values = row["cell_values"][:n].float().numpy()  # [N, 1 + 66]
+    heat = 1.0 / (1.0 + np.exp(-values[:, 0]))
     panels.append(("heat map at stored cells", _at_cells(grid, row["cells"][:n], heat)))
     return panels, boxes
 

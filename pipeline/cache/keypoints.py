@@ -1,14 +1,21 @@
 """Keypoint storage (issue 16): a cache of exactly what the UniDistill losses read.
 
-Per (sample, view) the writer keeps the teacher's low and high maps bilinearly sampled at the 9
-keypoints of every GT box of the view (what L_Fea and L_Rel read), and the heat map and regression
-at the cells where the boxes' Gaussian response mask is non-zero (what L_Resp reads), with the
-boxes themselves so that a student can tell which stored box is which of its own. On nuScenes'
-paper grid that is ~1 % of the dense maps' bytes, small enough to store a fresh augmented view for
-every epoch.
+Per (sample, view) the writer keeps, for every GT box of the view, exactly the teacher terms the
+three losses compare with:
+
+    L_Fea  the low map bilinearly sampled at the box's 9 keypoints           [9, C_low]
+    L_Rel  the 9 x 9 cosine relations of the high map's keypoint samples     [9, 9] (not 9 x C_high:
+           the loss compares relations only, whatever the widths)
+    L_Resp at each cell where the boxes' Gaussian response mask is non-zero, the class-max heat-map
+           logit (the loss takes the class max of a monotone function of the logits, so the max
+           logit gives the same value for any temperature) and the 66 regression channels
+
+with the boxes themselves, so that a student can tell which stored box is which of its own. On
+nuScenes' paper grid that is ~2 % of the dense float16 cache, small enough to store a fresh
+augmented view for every epoch.
 
 The student's loss then sees the values a dense cache would give it (to float16 rounding): the same
-bilinear samples, taken from float32 maps instead of float16 ones, and the same cells. What it
+bilinear samples and relations, taken from float32 maps instead of float16 ones, and the same cells. What it
 cannot see is anything else: a fresh augmentation (warp), mirrored keypoints (keypoint_transpose),
 a wider response mask (lower min_overlap) or boxes the teacher's GT filter dropped are refused
 (pipeline.engine.distill_task), and at run time a box or mask cell outside the stored support
@@ -22,8 +29,7 @@ import numpy as np
 import torch
 
 from models.bev_grid import BEVGrid
-from models.classes import NUM_CLASSES
-from models.distill import box_keypoints, sample_at_keypoints
+from models.distill import box_keypoints, relation_matrix, sample_at_keypoints
 from models.gaussian_mask import box_gaussian_mask, gaussian_radius
 from pipeline.cache import store
 from pipeline.cache.schema import CacheError, CacheLayout
@@ -65,10 +71,11 @@ def encode_keypoint_rows(outputs: Mapping[str, torch.Tensor], boxes: list[np.nda
     [M_r, 9] -> the padded arrays of a keypoint cache (schema.py), in the cache's precision."""
     r_count = len(boxes)
     m_cap, n_cap = max(1, layout.max_boxes), max(1, layout.max_cells)
-    features = torch.cat([outputs["low"], outputs["high"]], dim=1).float()  # [R, C_f, H, W]
-    response = torch.cat([outputs["heatmap"], outputs["regression"]], dim=1).float().flatten(2)  # [R, C_r, H*W]
+    low, high = outputs["low"].float(), outputs["high"].float()  # [R, C, H, W]
+    heat_max = outputs["heatmap"].float().amax(dim=1, keepdim=True)  # [R, 1, H, W] class-max logit
+    response = torch.cat([heat_max, outputs["regression"].float()], dim=1).flatten(2)  # [R, 67, H*W]
     out = {"boxes": np.zeros((r_count, m_cap, BOX_DIM), np.float32), "counts": np.zeros((r_count, 2), np.int32),
-           "keypoint_features": torch.zeros(r_count, m_cap, 9, features.shape[1]),
+           "keypoint_low": torch.zeros(r_count, m_cap, 9, low.shape[1]), "relations": torch.zeros(r_count, m_cap, 9, 9),
            "cells": np.zeros((r_count, n_cap), np.int32), "cell_values": torch.zeros(r_count, n_cap, response.shape[1])}
     for r, row_boxes in enumerate(boxes):
         b = torch.as_tensor(np.asarray(row_boxes, dtype=np.float32).reshape(-1, BOX_DIM))[None]  # [1, M, 9]
@@ -83,10 +90,12 @@ def encode_keypoint_rows(outputs: Mapping[str, torch.Tensor], boxes: list[np.nda
         out["boxes"][r, :m] = b[0].numpy()
         out["counts"][r] = (m, len(cells))
         if m:
-            out["keypoint_features"][r, :m] = sample_at_keypoints(features[r:r + 1], box_keypoints(b), grid)[0]
+            kp = box_keypoints(b)  # [1, M, 9, 2]
+            out["keypoint_low"][r, :m] = sample_at_keypoints(low[r:r + 1], kp, grid)[0]
+            out["relations"][r, :m] = relation_matrix(sample_at_keypoints(high[r:r + 1], kp, grid))[0]
         out["cells"][r, :len(cells)] = cells.numpy()
         out["cell_values"][r, :len(cells)] = response[r, :, cells].T
-    for name in ("keypoint_features", "cell_values"):
+    for name in ("keypoint_low", "relations", "cell_values"):
         out[name] = store.encode_maps(out[name], dtype)
     return out
 
@@ -106,11 +115,11 @@ def match_boxes(student_boxes: np.ndarray, stored_boxes: np.ndarray) -> np.ndarr
     return torch.where(ok, best, torch.full_like(best, -1)).numpy()
 
 
-def teacher_at_boxes(row: Mapping[str, Any], student_boxes: np.ndarray, low_channels: int, where: str) -> dict:
+def teacher_at_boxes(row: Mapping[str, Any], student_boxes: np.ndarray, where: str) -> dict:
     """A stored keypoint row -> the teacher targets of a student sample, aligned with its GT boxes:
 
-        low_keypoints [M, 9, C_low], high_keypoints [M, 9, C_high] (stored precision),
-        response_cells [N] int64, heatmap_cells [N, 10], regression_cells [N, 66].
+        low_keypoints [M, 9, C_low], high_relations [M, 9, 9] (stored precision),
+        response_cells [N] int64, heatmap_max_cells [N, 1], regression_cells [N, 66].
 
     Raises CacheError (naming `where`) for a student box the cache did not store.
     """
@@ -122,9 +131,9 @@ def teacher_at_boxes(row: Mapping[str, Any], student_boxes: np.ndarray, low_chan
         raise CacheError(f"{where}: the student's GT box {j} at (x {x:.2f}, y {y:.2f}) m is not among the {m} boxes the "
                          f"keypoint cache stored for this view; the student's GT (data.min_points_in_box, the "
                          f"grid's range) must be the teacher's, or use a dense cache")
-    feats = row["keypoint_features"][torch.as_tensor(perm)]  # [M, 9, C_low + C_high]
-    values = row["cell_values"][:n]
-    return {"low_keypoints": feats[..., :low_channels], "high_keypoints": feats[..., low_channels:],
+    take = torch.as_tensor(perm)
+    values = row["cell_values"][:n]  # [N, 1 + 66]
+    return {"low_keypoints": row["keypoint_low"][take], "high_relations": row["relations"][take],
             "response_cells": torch.as_tensor(row["cells"][:n], dtype=torch.int64),
-            "heatmap_cells": values[:, :NUM_CLASSES], "regression_cells": values[:, NUM_CLASSES:]}
+            "heatmap_max_cells": values[:, :1], "regression_cells": values[:, 1:]}
 

@@ -121,14 +121,14 @@ class CacheReader:
 
     def read_keypoints(self, token: str, view: int = 0) -> dict[str, Any]:
         """One row of a keypoint cache, as stored: boxes [M_cap, 9] float32 and counts [2] (boxes,
-        cells) numpy arrays, keypoint_features [M_cap, 9, C_low + C_high] and cell_values
-        [N_cap, 76] torch tensors of the cache's precision, cells [N_cap] int32, bda [4, 4] float64.
+        cells) numpy arrays; keypoint_low [M_cap, 9, C_low], relations [M_cap, 9, 9] and cell_values
+        [N_cap, 67] torch tensors of the cache's precision; cells [N_cap] int32; bda [4, 4] float64.
         Rows are padded: only the first counts[0] boxes and counts[1] cells are real."""
         if self.storage != "keypoints":
             raise CacheError(f"cache {self.uri} has {self.storage} storage, not keypoints: read it with read_tensors")
         raw = self._fetch(token, view, list(self.arrays))
         out: dict[str, Any] = {k: raw[k] for k in ("boxes", "counts", "cells")}
-        for k in ("keypoint_features", "cell_values"):
+        for k in ("keypoint_low", "relations", "cell_values"):
             out[k] = store.stored_tensor(raw[k], self.dtype)
         out["bda"] = raw["bda"].astype(np.float64)
         return out

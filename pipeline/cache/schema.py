@@ -13,12 +13,13 @@ matrix:
 A `keypoints` cache stores instead only what the UniDistill losses read (issue 16), padded per row
 to capacities fixed when the cache is planned (M boxes, N cells; zeros past each row's counts):
 
-    boxes              [R, M, 9]              float32, the view's GT boxes the keypoints belong to
-    counts             [R, 2]                 int32, (boxes, cells) of the row
-    keypoint_features  [R, M, 9, C_low + C_high]  bilinear samples of low | high at the 9 keypoints
-    cells              [R, N]                 int32, flat cells (row * W + col) of the response mask
-    cell_values        [R, N, 10 + 66]        heatmap | regression at those cells
-    bda                [R, 4, 4]
+    boxes          [R, M, 9]        float32, the view's GT boxes the keypoints belong to
+    counts         [R, 2]           int32, (boxes, cells) of the row
+    keypoint_low   [R, M, 9, C_low] the low map's bilinear samples at each box's 9 keypoints (L_Fea)
+    relations      [R, M, 9, 9]     cosine relations of the high map's 9 keypoint samples (L_Rel)
+    cells          [R, N]           int32, flat cells (row * W + col) of the response mask
+    cell_values    [R, N, 1 + 66]   the class-max heat-map logit | the regression at those cells (L_Resp)
+    bda            [R, 4, 4]
 
 Maps are chunked in (1 row, all channels, tile x tile cells) and sharded in whole groups of
 `shard_samples` samples (all their views, the full map): a shard is the unit of writing, a
@@ -47,8 +48,8 @@ DTYPES = ("float16", "bfloat16", "float32")
 STORAGE_MODES = ("dense", "foreground", "keypoints")
 # Arrays of each storage mode with their number of dimensions (the shard object keys depend on it).
 DENSE_ARRAYS: dict[str, int] = {"low": 4, "high": 4, "heatmap": 4, "regression": 4, "bda": 3}
-KEYPOINT_ARRAYS: dict[str, int] = {"boxes": 3, "counts": 2, "keypoint_features": 4, "cells": 2, "cell_values": 3,
-                                   "bda": 3}
+KEYPOINT_ARRAYS: dict[str, int] = {"boxes": 3, "counts": 2, "keypoint_low": 4, "relations": 4, "cells": 2,
+                                   "cell_values": 3, "bda": 3}
 
 
 def storage_arrays(storage: str) -> dict[str, int]:

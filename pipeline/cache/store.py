@@ -125,10 +125,9 @@ def _create_keypoint_arrays(group: zarr.Group, layout: CacheLayout, dtype: str, 
     that a student's read of a row is one small chunk per array; shards as for dense caches."""
     spk = layout.shard_samples * layout.views
     m, n = max(1, layout.max_boxes), max(1, layout.max_cells)
-    feat = layout.channels["low"] + layout.channels["high"]
-    resp = layout.channels["heatmap"] + layout.channels["regression"]
-    specs = {"boxes": ((m, 9), "float32"), "counts": ((2,), "int32"), "keypoint_features": ((m, 9, feat), None),
-             "cells": ((n,), "int32"), "cell_values": ((n, resp), None)}
+    specs = {"boxes": ((m, 9), "float32"), "counts": ((2,), "int32"), "keypoint_low": ((m, 9, layout.channels["low"]), None),
+             "relations": ((m, 9, 9), None), "cells": ((n,), "int32"),
+             "cell_values": ((n, 1 + layout.channels["regression"]), None)}
     for name, (shape, kind) in specs.items():
         group.create_array(name, shape=(layout.rows, *shape), chunks=(1, *shape), shards=(spk, *shape),
                            dtype=kind or storage_dtype(dtype), fill_value=0, compressors=codec,

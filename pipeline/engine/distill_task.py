@@ -158,7 +158,7 @@ class DistillDataset(Dataset):
         if self.reader.storage == "keypoints":
             row = self.reader.read_keypoints(token, view)
             sample = self.base.get(item, bda=row["bda"] if replay else np.eye(4))
-            sample["teacher"] = teacher_at_boxes(row, sample["gt_boxes"], self.reader.layout.channels["low"],
+            sample["teacher"] = teacher_at_boxes(row, sample["gt_boxes"],
                                                  f"cache {self.reader.uri}, sample {token}, view {view}")
             return sample
         maps = self.reader.read_tensors(token, view, MAPS)  # stored precision, with the view's stored BDA
@@ -195,12 +195,12 @@ def _pad_stack(tensors: list[torch.Tensor], length: int, fill: float) -> torch.T
 
 
 def collate_keypoint_teachers(teachers: list[dict[str, torch.Tensor]], boxes: int) -> dict[str, torch.Tensor]:
-    """Keypoint-cache targets of a batch: keypoint samples padded like gt_boxes ([B, M_max, 9, C]),
+    """Keypoint-cache targets of a batch: keypoint samples and relations padded like gt_boxes ([B, M_max, 9, C]),
     response cells padded to the batch's most cells ([B, N_max], -1) with their values ([B, N_max, C])."""
     cells = max(len(t["response_cells"]) for t in teachers)
-    out = {k: _pad_stack([t[k] for t in teachers], boxes, 0) for k in ("low_keypoints", "high_keypoints")}
+    out = {k: _pad_stack([t[k] for t in teachers], boxes, 0) for k in ("low_keypoints", "high_relations")}
     out["response_cells"] = _pad_stack([t["response_cells"] for t in teachers], cells, -1)
-    for k in ("heatmap_cells", "regression_cells"):
+    for k in ("heatmap_max_cells", "regression_cells"):
         out[k] = _pad_stack([t[k] for t in teachers], cells, 0)
     return out
 
