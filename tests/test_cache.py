@@ -66,6 +66,20 @@ def test_stored_maps_come_back_as_tensors_of_the_cache_precision(dtype, rtol):
     torch.testing.assert_close(tensor.float(), maps, rtol=rtol, atol=0)
 
 
+@pytest.mark.parametrize("tile", [32, 7])
+def test_tiles_that_do_not_divide_the_map_store_and_read_back(tmp_path, tile):
+    # the paper grid is 180 cells, foreground's default tile 32: Zarr shards must be whole tiles
+    layout = CacheLayout(num_samples=2, views=1, shard_samples=2, tile=tile, height=45, width=38,
+                         channels={"low": 3, "high": 2, "heatmap": 10, "regression": 66})
+    uri = str(tmp_path / "c")
+    group = store.create_cache_group(uri, layout, {"storage": "foreground"}, "float16", "zstd")
+    maps = np.random.default_rng(0).normal(size=(2, 3, 45, 38)).astype(np.float16)
+    maps[:, :, :tile] = 0  # an all-zero band of tiles: not stored
+    group["low"][0:2] = maps
+    assert np.array_equal(store.open_cache_group(uri)["low"][0:2], maps)
+    assert store.shard_bytes(uri, 0) > 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["dense1", "dense2"])
 def test_cached_maps_equal_the_teacher_run_directly(caches, tiny_teacher, nusc_root, name):

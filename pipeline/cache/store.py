@@ -106,11 +106,14 @@ def create_cache_group(uri: str, layout: CacheLayout, fingerprint: Mapping[str, 
     if fingerprint.get("storage") == "keypoints":
         _create_keypoint_arrays(group, layout, dtype, codec)
     else:
+        th, tw = min(layout.tile, layout.height), min(layout.tile, layout.width)
+        # a shard spans the whole map rounded up to whole tiles (Zarr needs shards made of whole
+        # chunks; the edge tiles are partial): 32-cell tiles on the paper's 180-cell map
+        sh, sw = -(-layout.height // th) * th, -(-layout.width // tw) * tw
         for name in MAP_NAMES:
             c = layout.channels[name]
-            group.create_array(name, shape=(layout.rows, c, layout.height, layout.width),
-                               chunks=(1, c, min(layout.tile, layout.height), min(layout.tile, layout.width)),
-                               shards=(spk, c, layout.height, layout.width), dtype=storage_dtype(dtype), fill_value=0,
+            group.create_array(name, shape=(layout.rows, c, layout.height, layout.width), chunks=(1, c, th, tw),
+                               shards=(spk, c, sh, sw), dtype=storage_dtype(dtype), fill_value=0,
                                compressors=codec, config={"write_empty_chunks": False})
     group.create_array("bda", shape=(layout.rows, 4, 4), chunks=(spk, 4, 4), dtype="float32", fill_value=0,
                        compressors=None)
