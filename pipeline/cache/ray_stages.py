@@ -150,10 +150,12 @@ def write_one_shard(job: CacheJob, shard: int, maps: Mapping[str, np.ndarray], b
 
 
 def _node_id() -> str:
+    """This process's Ray node, or "local" outside Ray (asking the runtime context of a process
+    that is not connected would start a Ray instance of its own)."""
     try:
         import ray
 
-        return ray.get_runtime_context().get_node_id()
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
     except Exception:  # noqa: BLE001 - outside Ray (direct use, tests)
         return "local"
 
