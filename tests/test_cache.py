@@ -48,6 +48,14 @@ def teacher_outputs(teacher: Path, root: Path, item: int, bda: np.ndarray) -> di
     return {k: v[0] for k, v in out.items()}, sample
 
 
+def tiny_grid_and_loss(teacher: Path) -> tuple[BEVGrid, torch.nn.Module]:
+    """The teacher's grid and the lidar -> camera UniDistill loss with equal widths (no adapters)."""
+    _, cfg = load_detector(teacher)
+    grid = BEVGrid.from_config(cfg["grid"])
+    dcfg = resolve_distill_config({}, "lidar", "camera", student_channels=(64, 128), teacher_channels=(64, 128))
+    return grid, build_distill_loss(grid, dcfg)
+
+
 def copy_of(caches, name, tmp_path) -> Path:
     import shutil
 
@@ -210,10 +218,7 @@ def test_foreground_storage_gives_the_same_losses_with_fewer_bytes(caches, tiny_
     (dense_uri, dense), (fg_uri, fg) = caches["dense2"], caches["fg2"]
     assert fg.bytes < 0.8 * dense.bytes
     rd, rf = CacheReader(str(dense_uri)), CacheReader(str(fg_uri))
-    _, cfg = load_detector(tiny_teacher)
-    grid = BEVGrid.from_config(cfg["grid"])
-    dcfg = resolve_distill_config({}, "lidar", "camera", student_channels=(64, 128), teacher_channels=(64, 128))
-    loss = build_distill_loss(grid, dcfg)
+    grid, loss = tiny_grid_and_loss(tiny_teacher)
     torch.manual_seed(1)
     tokens = list(rd.row_of)
     for item in range(len(tokens)):
@@ -352,10 +357,7 @@ def test_keypoint_storage_gives_the_dense_losses_in_a_few_percent_of_the_bytes(c
     assert rk.storage == "keypoints" and rk.fingerprint["keypoints"]["min_overlap"] == 0.7
     with pytest.raises(CacheError, match="read_keypoints"):
         rk.read_tensors(next(iter(rk.row_of)), 0)
-    _, cfg = load_detector(tiny_teacher)
-    grid = BEVGrid.from_config(cfg["grid"])
-    dcfg = resolve_distill_config({}, "lidar", "camera", student_channels=(64, 128), teacher_channels=(64, 128))
-    loss = build_distill_loss(grid, dcfg)
+    grid, loss = tiny_grid_and_loss(tiny_teacher)
     torch.manual_seed(2)
     tokens = list(rd.row_of)
     compared = 0
@@ -420,6 +422,27 @@ def test_keypoint_cache_refuses_what_it_cannot_teach(caches, tiny_teacher, nusc_
         {"feature": {"enabled": False}, "relation": {"enabled": False}, "response": {"min_overlap": 0.3}}, "lidar", "camera"))
     with pytest.raises(UserError, match="did not store"):
         wide(student, teacher, boxes, mask)
+
+
+def test_teacher_views_keep_the_boxes_each_view_brings_into_range(tiny_teacher, nusc_root):
+    """The GT a cache stores for a view is the student's GT for that view: boxes outside the grid in
+    the canonical frame that the view's BDA moves inside are kept (they were dropped before)."""
+    from pipeline.cache.ray_stages import _inputs_dataset, canonical_inputs
+    from pipeline.config import load_config
+    from pipeline.data.dataset import DetectionDataset, augment_bev
+
+    # mini_train: it has boxes up to 60 m out (mini_val none past the tiny grid's 51.2 m)
+    teacher_inputs = _inputs_dataset(str(tiny_teacher), str(nusc_root), VERSION, "mini_train", None)
+    student = DetectionDataset(nusc_root, VERSION, "mini_train", load_config("tiny_lidar_to_camera"), train=False)
+    grid = student.grid
+    shrink = np.diag([0.8, 0.8, 1.0, 1.0])  # a BEV scale that brings boxes beyond the range inside
+    gained = 0
+    for i in range(len(student)):
+        view = augment_bev(canonical_inputs(teacher_inputs, i), shrink, grid)
+        want = student.get(i, bda=shrink)["gt_boxes"]
+        assert view["gt_boxes"].shape == want.shape and np.allclose(view["gt_boxes"], want, atol=1e-5), i
+        gained += len(want) - len(teacher_inputs.get(i, bda=np.eye(4))["gt_boxes"])
+    assert gained > 0
 
 
 def test_replay_walks_every_view_once_per_k_epochs():

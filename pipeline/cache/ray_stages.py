@@ -28,6 +28,7 @@ from pipeline.cache.views import foreground_tiles, tile_mask, view_matrices
 from pipeline.config import ConfigError
 from pipeline.data.collate import collate
 from pipeline.data.dataset import DetectionDataset, augment_bev
+from pipeline.data.loading import filter_gt
 from pipeline.data.sample import Sample
 from pipeline.engine.train_loop import to_device
 from pipeline.evaluation.inference import eval_dataset
@@ -40,13 +41,23 @@ def _inputs_dataset(teacher_path: str, dataroot: str, version: str, split: str, 
     return eval_dataset(cfg, dataroot, version, split, cfg["model"]["modality"], index)
 
 
+def canonical_inputs(dataset: DetectionDataset, item: int) -> Sample:
+    """The teacher's un-augmented input sample `item`, with every GT box its filter keeps, in range
+    or not: each view then keeps the boxes inside the grid in *its* frame, as the student's own
+    augmentation of the same sample does (a box just outside the range that a view turns inside
+    is the student's GT in that view, so its keypoints and mask cells must be cached)."""
+    sample = dataset.get(item, bda=np.eye(4))
+    sample["gt_boxes"], sample["gt_labels"] = filter_gt(dataset.row(item), int(dataset.data_cfg["min_points_in_box"]))
+    return sample
+
+
 def load_shards(batch: Mapping[str, np.ndarray], job: CacheJob) -> dict[str, np.ndarray]:
     """Ray Data task: shard descriptors -> each shard's un-augmented teacher inputs (pickled samples)."""
     dataset = _inputs_dataset(job.teacher_path, job.dataroot, job.version, job.split, job.index)
     shards = [int(s) for s in batch["shard"]]
     payloads = []
     for shard in shards:
-        samples = [dataset.get(i, bda=np.eye(4)) for i in job.cache_layout.shard_samples_range(shard)]
+        samples = [canonical_inputs(dataset, i) for i in job.cache_layout.shard_samples_range(shard)]
         payloads.append(pickle.dumps(samples, protocol=pickle.HIGHEST_PROTOCOL))
     return {"shard": np.asarray(shards), "payload": np.asarray(payloads, dtype=object)}
 

@@ -282,6 +282,10 @@ def plan_student(cfg: Mapping[str, Any], version: str, split: str, tokens: Seque
         check_cache_for_student(reader, student, version, split, tokens)
         modality, widths = reader.fingerprint["teacher"]["modality"], teacher_widths(reader, None)
         policy = resolve_view_policy(cfg["distill"]["view_policy"], reader.views, student_augments(cfg))
+        epochs = int(cfg["train"]["epochs"])
+        if policy == "replay" and reader.views > epochs:
+            print(f"[student] the cache has {reader.views} views per sample and the run {epochs} epochs: each sample "
+                  f"replays {epochs} of them (one per epoch), the other {reader.views - epochs} are never read", flush=True)
         identity = {"cache": str(cache), "cache_fingerprint": reader.fingerprint}
     else:
         model, teacher_cfg = load_detector(teacher)

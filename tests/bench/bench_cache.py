@@ -88,7 +88,7 @@ def encode_sizes(teacher_path: Path, root: Path, out: Path, samples: int) -> tup
         store.create_cache_group(uri, job.cache_layout, fp, dtype, comp)
         if runner is None or runner.job.storage != storage or runner.job.dtype != dtype:
             runner = TeacherRunner(job)
-            inputs = [_inputs_dataset(job.teacher_path, job.dataroot, VERSION, SPLIT).get(i, bda=np.eye(4))
+            inputs = [_inputs_dataset(job.teacher_path, job.dataroot, VERSION, SPLIT, None).get(i, bda=np.eye(4))
                       for i in range(samples)]
         t0 = time.perf_counter()
         maps, bda = runner.run_views(inputs)
@@ -111,13 +111,21 @@ def encode_sizes(teacher_path: Path, root: Path, out: Path, samples: int) -> tup
 
 
 def random_reads(uri: str, seconds: float = 5.0) -> float:
-    """Samples/s of reading one random (token, view) with all four maps, one thread."""
+    """Samples/s of reading one random (token, view), one thread: all four maps, or a keypoint
+    cache's row aligned with its boxes as the student's dataset does."""
+    from pipeline.cache.keypoints import teacher_at_boxes
+
     reader = CacheReader(uri)
     tokens = list(reader.row_of)
     rng = random.Random(0)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        reader.read(rng.choice(tokens), rng.randrange(reader.views))
+        token, view = rng.choice(tokens), rng.randrange(reader.views)
+        if reader.storage == "keypoints":
+            row = reader.read_keypoints(token, view)
+            teacher_at_boxes(row, row["boxes"][:int(row["counts"][0])], token)
+        else:
+            reader.read(token, view)
         n += 1
     return n / (time.perf_counter() - t0)
 
@@ -153,7 +161,7 @@ def tile_reads(teacher_path: Path, root: Path, out: Path, samples: int = 8) -> d
         store.create_cache_group(uri, job.cache_layout, fp, "float16", store.DEFAULT_COMPRESSOR)
         if runner is None:
             runner = TeacherRunner(job)
-            inputs = [_inputs_dataset(job.teacher_path, job.dataroot, VERSION, SPLIT).get(i, bda=np.eye(4))
+            inputs = [_inputs_dataset(job.teacher_path, job.dataroot, VERSION, SPLIT, None).get(i, bda=np.eye(4))
                       for i in range(samples)]
         maps, bda = runner.run_views(inputs)
         write_one_shard(job, 0, maps, bda, list(job.tokens[:samples]))

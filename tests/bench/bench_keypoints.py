@@ -36,7 +36,7 @@ from pipeline.cache import store  # noqa: E402
 from pipeline.cache.build import build_cache  # noqa: E402
 from pipeline.cache.keypoints import teacher_at_boxes  # noqa: E402
 from pipeline.cache.plan import CacheRequest, plan_cache  # noqa: E402
-from pipeline.cache.ray_stages import TeacherRunner, _inputs_dataset, write_one_shard  # noqa: E402
+from pipeline.cache.ray_stages import TeacherRunner, _inputs_dataset, canonical_inputs, write_one_shard  # noqa: E402
 from pipeline.cache.reader import CacheReader  # noqa: E402
 from pipeline.cache.views import view_matrices  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
@@ -47,6 +47,7 @@ from pipeline.engine.detection_task import detection_losses  # noqa: E402
 from pipeline.engine.distill_config import build_distill_loss  # noqa: E402
 from pipeline.model_files import load_detector  # noqa: E402
 from pipeline.ray_env import ray_session  # noqa: E402
+from tests.bench.bench_cache import random_reads  # noqa: E402
 from tests.bench.bench_inputs import dataset_and_teacher  # noqa: E402
 
 VERSION, TRAIN, VAL = "v1.0-mini", "mini_train", "mini_val"
@@ -63,12 +64,13 @@ def write_direct(teacher: Path, root: Path, uri: str, storage: str, samples: int
     job, fp = plan_cache(str(teacher), str(root), VERSION, TRAIN, uri, views, storage, "float16", samples)
     store.create_cache_group(uri, job.cache_layout, fp, "float16", store.DEFAULT_COMPRESSOR)
     runner = TeacherRunner(job)
-    inputs = [_inputs_dataset(job.teacher_path, job.dataroot, VERSION, TRAIN, None).get(i, bda=np.eye(4))
-              for i in range(samples)]
+    dataset = _inputs_dataset(job.teacher_path, job.dataroot, VERSION, TRAIN, None)
+    inputs = [canonical_inputs(dataset, i) for i in range(samples)]
     maps, bda = runner.run_views(inputs)
     rec = write_one_shard(job, 0, maps, bda, list(job.tokens[:samples]))
     lay = job.cache_layout
-    boxes = [len(s["gt_boxes"]) for s in inputs]
+    boxes = [int(c) for c in store.open_cache_group(uri)["counts"][:samples * views, 0]] if storage == "keypoints" \
+        else [len(s["gt_boxes"]) for s in inputs]
     return {"bytes_per_row": rec["bytes"] / (samples * views), "boxes_per_row": float(np.mean(boxes)),
             "dense_f16_raw": sum(lay.channels.values()) * lay.height * lay.width * 2, "tokens": list(job.tokens[:samples])}
 
@@ -118,20 +120,6 @@ def storage_figures(teacher: Path, root: Path, out: Path, samples: int, label: s
     return figs
 
 
-def random_reads(uri: str, seconds: float = 5.0) -> float:
-    """Keypoint rows read and aligned per second, random (token, view), one thread."""
-    reader = CacheReader(uri)
-    tokens = list(reader.row_of)
-    rng = random.Random(0)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        token = rng.choice(tokens)
-        row = reader.read_keypoints(token, rng.randrange(reader.views))
-        teacher_at_boxes(row, row["boxes"][:int(row["counts"][0])], token)
-        n += 1
-    return n / (time.perf_counter() - t0)
-
-
 def step_times(root: Path, caches: dict[str, str], batch: int = 2, steps: int = 6, rounds: int = 3) -> dict:
     """Median s/step of the tiny camera student: detection loss only, and with the UniDistill losses
     from each cache's targets (batches read beforehand, so only the step is timed)."""
@@ -178,7 +166,7 @@ def teacher_alone_views(teacher: Path, root: Path, views: int, batch: int = 2) -
     ds = _inputs_dataset(str(teacher), str(root), VERSION, VAL, None)
     inputs = []
     for i in range(len(ds)):
-        s = ds.get(i, bda=np.eye(4))
+        s = canonical_inputs(ds, i)
         for m in view_matrices(s["token"], views, cfg["data"]["bda"], 0):
             inputs.append(augment_bev({k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in s.items()}, m,
                                       model.grid))
