@@ -76,6 +76,9 @@ def format_describe(info: dict[str, Any]) -> str:
              f"  {lay['num_samples']} samples x {lay['views']} views, shards of {lay['shard_samples']} samples "
              f"({info['shards_done']} done), tiles of {lay['tile']} cells, {info['dtype']}, {info['compressor']}, "
              f"storage {info['fingerprint']['storage']}"]
+    if lay.get("max_boxes"):
+        lines.append(f"  keypoint rows padded to {lay['max_boxes']} GT boxes and {lay['max_cells']} response cells "
+                     f"(the most of any sample in the split)")
     for name, a in info["arrays"].items():
         lines.append(f"  {name:<10} shape {a['shape']} chunks {a['chunks']} shards {a['shards']} {a['stored_dtype']}")
     ratio = info["raw_float32_bytes_per_sample"] / max(info["bytes_per_sample"], 1e-9)
