@@ -41,7 +41,7 @@ from pipeline.cache.reader import CacheReader  # noqa: E402
 from pipeline.cache.views import view_matrices  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.collate import collate  # noqa: E402
-from pipeline.data.dataset import DetectionDataset, augment_bev  # noqa: E402
+from pipeline.data.dataset import DetectionDataset, augment_bev, boxes_in_range  # noqa: E402
 from pipeline.engine.distill_task import DistillDataset, DistillLosses, collate_with_teacher, plan_student  # noqa: E402
 from pipeline.engine.detection_task import detection_losses  # noqa: E402
 from pipeline.engine.distill_config import build_distill_loss  # noqa: E402
@@ -58,19 +58,20 @@ MODES = ("dense", "foreground", "keypoints")
 KIB, MIB = 2 ** 10, 2 ** 20
 
 
-def write_direct(teacher: Path, root: Path, uri: str, storage: str, samples: int, views: int = 1) -> dict:
-    """One shard of `samples` samples x `views` views written by the real writer without Ray; returns
-    bytes per row, the dense float16 bytes per row uncompressed, and the mean GT boxes per row."""
-    job, fp = plan_cache(str(teacher), str(root), VERSION, TRAIN, uri, views, storage, "float16", samples)
+def write_direct(teacher: Path, root: Path, uri: str, storage: str, samples: int, views: int = 1,
+                 data: tuple[str, str] = (VERSION, TRAIN)) -> dict:
+    """One shard of `samples` samples x `views` views of `data` (version, split) written by the real
+    writer without Ray; returns bytes per row, the dense float16 bytes per row uncompressed, and the
+    mean GT boxes per row."""
+    job, fp = plan_cache(str(teacher), str(root), *data, uri, views, storage, "float16", samples)
     store.create_cache_group(uri, job.cache_layout, fp, "float16", store.DEFAULT_COMPRESSOR)
     runner = TeacherRunner(job)
-    dataset = _inputs_dataset(job.teacher_path, job.dataroot, VERSION, TRAIN, None)
+    dataset = _inputs_dataset(job.teacher_path, job.dataroot, *data, None)
     inputs = [canonical_inputs(dataset, i) for i in range(samples)]
     maps, bda = runner.run_views(inputs)
     rec = write_one_shard(job, 0, maps, bda, list(job.tokens[:samples]))
     lay = job.cache_layout
-    boxes = [int(c) for c in store.open_cache_group(uri)["counts"][:samples * views, 0]] if storage == "keypoints" \
-        else [len(s["gt_boxes"]) for s in inputs]
+    boxes = [int(boxes_in_range(s["gt_boxes"], runner.grid.point_cloud_range).sum()) for s in inputs]
     return {"bytes_per_row": rec["bytes"] / (samples * views), "boxes_per_row": float(np.mean(boxes)),
             "dense_f16_raw": sum(lay.channels.values()) * lay.height * lay.width * 2, "tokens": list(job.tokens[:samples])}
 
@@ -99,12 +100,13 @@ def read_cost(uri: str, tokens: list[str], reads: int = 40) -> float:
     return (time.process_time() - t0) / reads
 
 
-def storage_figures(teacher: Path, root: Path, out: Path, samples: int, label: str) -> dict:
+def storage_figures(teacher: Path, root: Path, out: Path, samples: int, label: str,
+                    data: tuple[str, str] = (VERSION, TRAIN)) -> dict:
     """Bytes and read cost of the three storage modes for one teacher (grid)."""
     figs = {}
     for mode in MODES:
         uri = str(out / f"{label}_{mode}")
-        figs[mode] = write_direct(teacher, root, uri, mode, samples)
+        figs[mode] = write_direct(teacher, root, uri, mode, samples, data=data)
         mark_complete(uri, samples)
         figs[mode]["read_core_s"] = read_cost(uri, figs[mode]["tokens"])
         del figs[mode]["tokens"]
@@ -193,6 +195,8 @@ def main() -> None:
     ap.add_argument("--dataroot", type=Path, default=None)
     ap.add_argument("--samples", type=int, default=8, help="samples per storage-mode measurement")
     ap.add_argument("--skip-paper", action="store_true", help="skip the paper-grid teacher (~3 s/sample)")
+    ap.add_argument("--trained", nargs=4, metavar=("MODEL", "DATAROOT", "VERSION", "SPLIT"),
+                    help="also measure the storage modes with this (trained) teacher on this data")
     args = ap.parse_args()
     torch.set_num_threads(1)
     tmp = tempfile.TemporaryDirectory(prefix="bench_keypoints_")
@@ -201,6 +205,10 @@ def main() -> None:
     result: dict = {"bench": "keypoints", "threads": 1}
 
     result["tiny"] = storage_figures(tiny, root, out, args.samples, "tiny grid")
+    if args.trained:
+        model, data_root, version, split = args.trained
+        result["trained"] = storage_figures(Path(model), Path(data_root), out, 2 * args.samples, "trained teacher",
+                                            (version, split))
     if not args.skip_paper:
         torch.manual_seed(0)
         cfg = load_config("nuscenes_lidar")
