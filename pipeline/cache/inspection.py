@@ -13,7 +13,7 @@ import torch
 from models.bev_grid import BEVGrid
 from models.distill import box_keypoints
 from pipeline.cache import store
-from pipeline.cache.schema import MAP_NAMES, CacheError, CacheLayout, storage_arrays
+from pipeline.cache.schema import MAP_NAMES, CacheError, CacheLayout, storage_arrays, storage_of
 
 
 def verify(uri: str) -> dict[str, Any]:
@@ -24,7 +24,7 @@ def verify(uri: str) -> dict[str, Any]:
     """
     group = store.open_cache_group(uri, mode="r")
     layout = CacheLayout.from_dict(group.attrs["layout"])
-    storage = dict(group.attrs.get("fingerprint", {})).get("storage", "dense")
+    storage = storage_of(group.attrs.get("fingerprint", {}))
     markers = store.read_markers(uri)
     ok, bad = [], {}
     for shard, rec in sorted(markers.items()):
@@ -55,7 +55,7 @@ def describe(uri: str) -> dict[str, Any]:
     layout = CacheLayout.from_dict(attrs["layout"])
     markers = store.read_markers(uri)
     arrays = {}
-    for name in storage_arrays(attrs["fingerprint"].get("storage", "dense")):
+    for name in storage_arrays(storage_of(attrs["fingerprint"])):
         a = group[name]
         shards = a.shards if a.shards is not None else a.chunks
         arrays[name] = {"shape": list(a.shape), "chunks": list(a.chunks), "shards": list(shards),
@@ -94,8 +94,7 @@ def format_describe(info: dict[str, Any]) -> str:
 def view_gt_boxes(reader: Any, token: str, view: int, dataroot: str | Path) -> np.ndarray:
     """The GT boxes [M, 9] of a cached view, from the dataset: the sample's boxes through the teacher's
     GT filter, moved by the view's stored BDA, those in the grid's range kept (as the teacher saw them)."""
-    from pipeline.data.augment import transform_boxes
-    from pipeline.data.dataset import boxes_in_range
+    from pipeline.data.dataset import view_boxes
     from pipeline.data.index import load_index
     from pipeline.data.loading import filter_gt
 
@@ -104,9 +103,7 @@ def view_gt_boxes(reader: Any, token: str, view: int, dataroot: str | Path) -> n
     if not rows:
         raise CacheError(f"sample {token} is not in {fp['dataset']['version']} {fp['dataset']['split']} of {dataroot}")
     boxes, _ = filter_gt(rows[0], int(fp["inputs"]["min_points_in_box"]))
-    boxes = transform_boxes(boxes, reader.bda(token, view))
-    grid = BEVGrid.from_config(fp["grid"])
-    return boxes[boxes_in_range(boxes, grid.point_cloud_range)].astype(np.float32)
+    return view_boxes(boxes, reader.bda(token, view), BEVGrid.from_config(fp["grid"]))[0]
 
 
 def _at_cells(grid: BEVGrid, cells: np.ndarray, values: np.ndarray) -> np.ndarray:

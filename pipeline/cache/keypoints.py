@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from models.bev_grid import BEVGrid
@@ -42,19 +43,17 @@ KEYPOINT_MIN_OVERLAP = 0.7
 BOX_MATCH_TOL_M = 1e-3
 
 
-def keypoint_capacity(index: Any, grid: BEVGrid, bda_cfg: Mapping[str, Any],
+def keypoint_capacity(index: pa.Table, grid: BEVGrid, bda_cfg: Mapping[str, Any],
                       min_overlap: float = KEYPOINT_MIN_OVERLAP) -> tuple[int, int]:
-    """Per-row capacities (boxes, response cells) of a split: bounds that hold for every view.
+    """Per-row capacities (boxes, response cells) of a split's index: bounds that hold for every view.
 
     Boxes: the most annotations of any sample (views only drop boxes). Cells: the most summed
     (2r + 1)^2 Gaussian squares of any sample, with each box's size grown by the largest BEV scale a
     view may draw (the radius grows with the size); at most the map's cell count.
     """
-    table = index if hasattr(index, "column") else None
-    rows = table.column("gt_boxes").to_pylist() if table is not None else [r["gt_boxes"] for r in index]
     scale = max(float(s) for s in bda_cfg.get("scale_lim", [1.0, 1.0]))
     max_boxes, max_cells = 0, 0
-    for flat in rows:
+    for flat in index.column("gt_boxes").to_pylist():
         boxes = np.asarray(flat, dtype=np.float64).reshape(-1, BOX_DIM)
         max_boxes = max(max_boxes, len(boxes))
         if len(boxes):

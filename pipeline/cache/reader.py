@@ -16,7 +16,7 @@ import torch
 from zarr.core.sync import sync as zarr_sync  # what zarr's own synchronous API runs coroutines with
 
 from pipeline.cache import store
-from pipeline.cache.schema import MAP_NAMES, CacheError, CacheLayout, CacheMismatchError, storage_arrays
+from pipeline.cache.schema import MAP_NAMES, CacheError, CacheLayout, CacheMismatchError, storage_arrays, storage_of
 from pipeline.config import diff_keys
 
 # Fingerprint fields a student's own model must agree with.
@@ -44,7 +44,7 @@ class CacheReader:
         self.fingerprint: dict[str, Any] = dict(attrs["fingerprint"])
         self.layout = CacheLayout.from_dict(attrs["layout"])
         self.dtype: str = attrs["dtype"]
-        self.storage: str = self.fingerprint.get("storage", "dense")
+        self.storage: str = storage_of(self.fingerprint)
         self.arrays = {name: group[name] for name in storage_arrays(self.storage)}
         manifest = store.read_manifest(self.uri).to_pydict()
         self.row_of: dict[str, int] = dict(zip(manifest["token"], manifest["row"]))

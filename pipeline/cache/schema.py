@@ -47,16 +47,9 @@ MAP_NAMES: tuple[str, ...] = ("low", "high", "heatmap", "regression")
 DTYPES = ("float16", "bfloat16", "float32")
 STORAGE_MODES = ("dense", "foreground", "keypoints")
 # Arrays of each storage mode with their number of dimensions (the shard object keys depend on it).
-DENSE_ARRAYS: dict[str, int] = {"low": 4, "high": 4, "heatmap": 4, "regression": 4, "bda": 3}
+DENSE_ARRAYS: dict[str, int] = {**dict.fromkeys(MAP_NAMES, 4), "bda": 3}
 KEYPOINT_ARRAYS: dict[str, int] = {"boxes": 3, "counts": 2, "keypoint_low": 4, "relations": 4, "cells": 2,
                                    "cell_values": 3, "bda": 3}
-
-
-def storage_arrays(storage: str) -> dict[str, int]:
-    """{array name: ndim} of a storage mode's cache."""
-    if storage not in STORAGE_MODES:
-        raise CacheError(f"storage {storage!r} is not one of {STORAGE_MODES}")
-    return dict(KEYPOINT_ARRAYS if storage == "keypoints" else DENSE_ARRAYS)
 MANIFEST_FILE = "manifest.parquet"
 MARKER_DIR = "shards"
 
@@ -71,6 +64,18 @@ class CacheMismatchError(CacheError):
     def __init__(self, message: str, fields: list[str]) -> None:
         super().__init__(message)
         self.fields = fields
+
+
+def storage_arrays(storage: str) -> dict[str, int]:
+    """{array name: ndim} of a storage mode's cache."""
+    if storage not in STORAGE_MODES:
+        raise CacheError(f"storage {storage!r} is not one of {STORAGE_MODES}")
+    return dict(KEYPOINT_ARRAYS if storage == "keypoints" else DENSE_ARRAYS)
+
+
+def storage_of(fingerprint: Mapping[str, Any]) -> str:
+    """The storage mode a cache fingerprint records (dense for fingerprints without one)."""
+    return str(fingerprint.get("storage", "dense"))
 
 
 def channel_layout(low: int, high: int) -> dict[str, Any]:

@@ -21,9 +21,8 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from pipeline.cache.schema import (DTYPES, MANIFEST_FILE, MAP_NAMES, MARKER_DIR, SCHEMA_VERSION, CacheError, CacheLayout,
-                                   fingerprint_hash, storage_arrays)
+                                   fingerprint_hash, storage_arrays, storage_of)
 
-ARRAY_NAMES: tuple[str, ...] = (*MAP_NAMES, "bda")  # the arrays of dense and foreground caches
 COMPRESSORS = ("zstd", "blosc-zstd", "blosc-lz4", "none")
 # Measured (tests/bench/bench_cache.py): zstd level 3 compresses teacher maps as well as Blosc-zstd
 # with bit shuffle (7.3x vs 7.4x on float16) and writes them ~9x faster.
@@ -103,8 +102,8 @@ def create_cache_group(uri: str, layout: CacheLayout, fingerprint: Mapping[str, 
     group = zarr.open_group(str(uri), mode="w", zarr_format=3)
     codec = compressor(compressor_name)
     spk = layout.shard_samples * layout.views  # rows per shard
-    if fingerprint.get("storage") == "keypoints":
-        _create_keypoint_arrays(group, layout, dtype, codec)
+    if storage_of(fingerprint) == "keypoints":
+        _create_keypoint_arrays(group, layout, spk, dtype, codec)
     else:
         th, tw = min(layout.tile, layout.height), min(layout.tile, layout.width)
         # a shard spans the whole map rounded up to whole tiles (Zarr needs shards made of whole
@@ -123,10 +122,9 @@ def create_cache_group(uri: str, layout: CacheLayout, fingerprint: Mapping[str, 
     return group
 
 
-def _create_keypoint_arrays(group: zarr.Group, layout: CacheLayout, dtype: str, codec: Any) -> None:
+def _create_keypoint_arrays(group: zarr.Group, layout: CacheLayout, spk: int, dtype: str, codec: Any) -> None:
     """The padded per-row arrays of a keypoint cache (schema.py): one chunk per row and array, so
-    that a student's read of a row is one small chunk per array; shards as for dense caches."""
-    spk = layout.shard_samples * layout.views
+    that a student's read of a row is one small chunk per array; shards of `spk` rows as for dense caches."""
     m, n = max(1, layout.max_boxes), max(1, layout.max_cells)
     specs = {"boxes": ((m, 9), "float32"), "counts": ((2,), "int32"), "keypoint_low": ((m, 9, layout.channels["low"]), None),
              "relations": ((m, 9, 9), None), "cells": ((n,), "int32"),

@@ -87,13 +87,19 @@ def cbgs_indices(rows: Sequence[Mapping[str, Any]], min_points: int, seed: int) 
     return np.concatenate(out)
 
 
+def view_boxes(boxes: np.ndarray, mat: np.ndarray, grid: BEVGrid) -> tuple[np.ndarray, np.ndarray]:
+    """GT boxes [M, 9] moved by a BDA [4, 4], those wholly outside the grid's range dropped:
+    (the kept boxes float32 [M', 9], keep [M] bool)."""
+    moved = augment.transform_boxes(boxes, mat)
+    keep = boxes_in_range(moved, grid.point_cloud_range)
+    return moved[keep].astype(np.float32), keep
+
+
 def augment_bev(sample: Sample, mat: np.ndarray, grid: BEVGrid) -> Sample:
     """Apply a BDA [4, 4] to an un-augmented sample's points and boxes in place (also setting its
     `bda`), then drop boxes wholly outside the grid's range. Returns the sample."""
     sample["points"] = augment.transform_points(sample["points"], mat)
-    boxes = augment.transform_boxes(sample["gt_boxes"], mat)
-    keep = boxes_in_range(boxes, grid.point_cloud_range)
-    sample["gt_boxes"] = boxes[keep].astype(np.float32)
+    sample["gt_boxes"], keep = view_boxes(sample["gt_boxes"], mat, grid)
     sample["gt_labels"] = sample["gt_labels"][keep]
     sample["bda"] = np.asarray(mat, dtype=np.float32)
     return sample

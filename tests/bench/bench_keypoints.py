@@ -76,7 +76,7 @@ def write_direct(teacher: Path, root: Path, uri: str, storage: str, samples: int
             "dense_f16_raw": sum(lay.channels.values()) * lay.height * lay.width * 2, "tokens": list(job.tokens[:samples])}
 
 
-def mark_complete(uri: str, samples: int) -> None:
+def mark_complete(uri: str) -> None:
     """Let CacheReader open a one-shard cache written by write_direct (a manifest of its samples)."""
     markers = store.read_markers(uri)
     store.write_manifest(uri, store.manifest_table(markers.values(), store.open_cache_group(uri).attrs["layout"]["views"]))
@@ -107,7 +107,7 @@ def storage_figures(teacher: Path, root: Path, out: Path, samples: int, label: s
     for mode in MODES:
         uri = str(out / f"{label}_{mode}")
         figs[mode] = write_direct(teacher, root, uri, mode, samples, data=data)
-        mark_complete(uri, samples)
+        mark_complete(uri)
         figs[mode]["read_core_s"] = read_cost(uri, figs[mode]["tokens"])
         del figs[mode]["tokens"]
     dense = figs["dense"]["bytes_per_row"]
